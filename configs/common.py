@@ -1,0 +1,56 @@
+"""The config schema every experiment config fills in (ml_collections, big_vision style).
+
+A benchmark's defaults live in ``configs/<benchmark>_base.py`` (``get_base(variant)``); an
+experiment file such as ``configs/nash_celeba.py`` is a few lines over them. Variants, selected with
+``--config=configs/X.py:variant``: ``''`` (the paper's protocol), ``'smoke'`` (mock data, a few
+steps, tiny model) and ``'quick'`` (real offline data where there is one, CPU minutes).
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Task mix: a list of task names of the benchmark (any subset, any order), or 'all'.
+  c.tasks = "all"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ""  # celeba | qm9 | multimnist | nyuv2 | cityscapes | conll2003 | glue | digits
+  c.data.mock = False  # tfds.testing.mock_data / fabricated arrays of the right shapes
+  c.data.data_dir = ""  # tfds data_dir or dataset folder ("" = the library's default)
+  c.data.image_size = 0  # 0 = the benchmark's default
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = ""  # "" = the benchmark's default backbone
+  c.model.width = 0  # 0 = the backbone's default width; smaller for smoke runs
+  c.model.sharing = "hard"  # hard | soft | cross_stitch | hierarchical | sparse | mtan | mmoe | ...
+  c.model.sharing_options = ml_collections.ConfigDict()  # strategy-specific (e.g. soft: lam)
+
+  c.combiner = ml_collections.ConfigDict()
+  c.combiner.name = "ls"
+  c.combiner.hparams = ml_collections.ConfigDict()  # passed as keyword arguments
+
+  c.engine = ml_collections.ConfigDict()
+  c.engine.mode = ""  # "" = what the combiner needs: losses | gramian | jacobian | features
+  c.engine.reduction = "exact"  # exact | local (see mtl_jax.autodiff)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"  # adam | adamw | sgd
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.schedule = "constant"  # constant | cosine | step
+  c.optimizer.warmup_steps = 0
+  c.optimizer.grad_clip = 0.0  # 0 = off
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128
+  c.train.num_steps = 0  # 0 = use num_epochs
+  c.train.num_epochs = 1
+  c.train.eval_every = 500
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+  c.train.eval_batch_size = 256
+  c.train.on_nonfinite = "stop"  # stop | skip
+  return c
