@@ -148,7 +148,6 @@ def combine(method: Method,
         shared = vjp_fn(weights.astype(losses.dtype))[0]
         ones = method.specific_weights(weights)
         update = jax.tree.map(lambda u, j, m: u if m else weighted_sum(ones, j), shared, jac, mask)
-      update = _pmean(update, axis_name if exact_axis is None else None)
       out = (update, glosses, weights, gram, aux, new, ok)
     else:  # jacobian
       jac = _pmean(_rows(vjp_fn, losses), exact_axis)
@@ -179,8 +178,10 @@ def combine(method: Method,
         lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x, new)
     glosses = jax.lax.pmean(glosses, axis_name)
     ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
-  elif axis_name is not None and mode in ("losses", "features"):
+  elif axis_name is not None and mode != "jacobian":  # the Jacobian was averaged already
     update = jax.lax.pmean(update, axis_name)
+  # A VJP with zero weights still carries NaN from a non-finite forward pass: zero it explicitly.
+  update = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), update)
   new = keep_if(ok, new, state.method)
   skipped = state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32)
   return EngineOut(update, glosses, weights, gram, aux, CombinerState(new, skipped), ok)

@@ -1,0 +1,159 @@
+"""The engine (mtl_jax.autodiff): modes agree with each other and with the optax transform."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax import autodiff
+from mtl_jax.combiners.base import GRAMIAN, JACOBIAN, LOSSES, EmptyState, Method
+
+K = 3
+
+
+def _params(seed=0):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  return {"trunk": {"w": jax.random.normal(k1, (5, 4))}, "heads": {"w": jax.random.normal(k2, (K, 4))}}
+
+
+def _mask(tree):
+  return {"trunk": {"w": True}, "heads": {"w": False}}
+
+
+def _encode(p, x):
+  return jnp.tanh(x @ p["trunk"]["w"]), None
+
+
+def _decode(p, z, x):
+  out = z @ p["heads"]["w"].T
+  return jnp.mean(out**2, 0) * jnp.arange(1.0, K + 1), None
+
+
+SPLIT = autodiff.SplitLoss(_encode, _decode)
+
+
+def _loss(p, x):
+  losses, _ = SPLIT(p, x)
+  return losses, None
+
+
+def _inv_norm(specific):
+  # A nonlinear Gramian weighting (inverse gradient norms), for testing the engine alone.
+  return Method("inv", K, GRAMIAN, init=lambda p: EmptyState(),
+                weigh=lambda g, l, s: (1 / jnp.sqrt(jnp.diag(g) + 1e-12), s), specific=specific)
+
+
+def _loss_weighting():
+  return Method("lw", K, LOSSES, init=lambda p: EmptyState(), weigh=lambda g, l, s: (1 / l, s))
+
+
+def _x(seed=1, n=8):
+  return jax.random.normal(jax.random.PRNGKey(seed), (n, 5))
+
+
+@pytest.mark.parametrize("specific", ["weighted", "sum"])
+def test_modes_agree_with_each_other_and_with_optax(specific):
+  m = _inv_norm(specific)
+  params, x = _params(), _x()
+  state = m.transform(_mask).init(params)
+  ups = {
+      mode: autodiff.combine(m, state, SPLIT if mode == "features" else _loss, params, x, mode=mode,
+                             shared_mask=_mask).update
+      for mode in ("jacobian", "gramian")
+  }
+  losses, jac, _ = autodiff.task_jacobian(_loss, params, x)
+  ref, _ = m.transform(_mask).update(jac, state, params, task_losses=losses)
+  for mode, up in ups.items():
+    for a, b in zip(jax.tree.leaves(up), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=mode)
+
+
+def test_features_mode_uses_representation_gramian():
+  m = _inv_norm("weighted")
+  params, x = _params(), _x()
+  state = m.transform(_mask).init(params)
+  out = autodiff.combine(m, state, SPLIT, params, x, mode="features", shared_mask=_mask)
+  z, _ = _encode(params, x)
+  jz = jax.jacrev(lambda zz: _decode(params, zz, x)[0])(z).reshape(K, -1)
+  np.testing.assert_allclose(out.gramian, jz @ jz.T, rtol=1e-5)
+  w = out.weights
+  ref = jax.grad(lambda p: jnp.dot(w, _loss(p, x)[0]))(params)
+  for a, b in zip(jax.tree.leaves(out.update), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_losses_mode_is_one_weighted_backward():
+  m = _loss_weighting()
+  params, x = _params(), _x()
+  out = autodiff.combine(m, m.transform().init(params), _loss, params, x)
+  assert out.gramian is None
+  w = 1 / _loss(params, x)[0]
+  ref = jax.grad(lambda p: jnp.dot(w, _loss(p, x)[0]))(params)
+  for a, b in zip(jax.tree.leaves(out.update), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_nonfinite_loss_skips_step_and_keeps_state():
+  m = _inv_norm("weighted")
+  params, x = _params(), _x()
+  x = x.at[0, 0].set(jnp.nan)
+  state = m.transform(_mask).init(params)
+  out = autodiff.combine(m, state, _loss, params, x, shared_mask=_mask)
+  assert not bool(out.finite) and int(out.state.skipped) == 1
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(out.update))
+
+
+def test_mode_errors_are_one_line():
+  m = Method("agg", K, JACOBIAN, init=lambda p: EmptyState(),
+             aggregate=lambda j, l, s: (j, jnp.ones(K), s))
+  with pytest.raises(ValueError, match="valid for it: jacobian"):
+    autodiff.combine(m, m.transform().init(_params()), _loss, _params(), _x(), mode="gramian")
+  with pytest.raises(ValueError, match="valid: losses, gramian, jacobian, features"):
+    autodiff.check_mode(m, "nope")
+  with pytest.raises(ValueError, match="SplitLoss"):
+    autodiff.combine(_inv_norm("sum"), m.transform().init(_params()), _loss, _params(), _x(),
+                     mode="features")
+
+
+SHARD_SCRIPT = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+import sys; sys.path.insert(0, os.getcwd())
+from tests.test_engine import _inv_norm, _loss_weighting, _loss, SPLIT, _params, _mask, _x
+from mtl_jax import autodiff
+mesh = jax.make_mesh((4,), ("data",))
+params, x = _params(), _x(n=16)
+xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data")))
+for m in (_inv_norm("sum"), _loss_weighting()):
+  state = m.transform(_mask).init(params)
+  for mode in ("jacobian", "gramian", "features"):
+    fn = SPLIT if mode == "features" else _loss
+    ref = autodiff.combine(m, state, fn, params, x, mode=mode, shared_mask=_mask)
+    for red in ("exact", "local"):
+      step = jax.shard_map(
+          lambda p, xb: autodiff.combine(m, state, fn, p, xb, mode=mode, shared_mask=_mask,
+                                         axis_name="data", reduction=red).update,
+          mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=False)
+      got = jax.jit(step)(params, xs)
+      err = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                zip(jax.tree.leaves(got), jax.tree.leaves(ref.update)))
+      print(m.name, mode, red, err)
+"""
+
+
+def test_shard_map_exact_reduction_is_the_global_batch_method(tmp_path):
+  import subprocess, sys, os
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)), env=env, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = [line.split() for line in res.stdout.strip().splitlines()]
+  for name, mode, red, err in rows:
+    if red == "exact":
+      assert float(err) < 1e-5, (name, mode, red, err)
+  # Both weightings are nonlinear (in the gradients, in the losses): combining per device and
+  # averaging is a different method.
+  local = {(n, m): float(e) for n, m, r, e in rows if r == "local"}
+  assert all(err > 1e-4 for err in local.values()), local
