@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.schedule = "constant"  # constant | cosine | step
   c.optimizer.warmup_steps = 0
   c.optimizer.grad_clip = 0.0  # 0 = off
+  c.optimizer.momentum = 0.9  # sgd only
+  c.optimizer.decay_rate = 0.1  # 'step' schedule: multiply by this at each boundary
+  c.optimizer.decay_boundaries = (0.5, 0.75)  # 'step' schedule: fractions of the total steps
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
@@ -53,4 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.eval_batch_size = 256
   c.train.on_nonfinite = "stop"  # stop | skip
+  # Model selection on validation: auto (the benchmark's info['select'], else delta_m when it has
+  # references for every task, else mean_main) | delta_m | mean_main (mean of signed main metrics).
+  c.train.select = "auto"
   return c
