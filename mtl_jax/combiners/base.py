@@ -67,7 +67,9 @@ class Method:
     num_tasks: K.
     needs: ``'losses'``, ``'gramian'`` or ``'jacobian'``: the least the engine must compute.
     init: ``params -> state`` (a NamedTuple of arrays). ``params`` is the full parameter tree; most
-      methods ignore it, Jacobian methods use the shapes of the shared leaves.
+      methods ignore it, Jacobian methods use the shapes of the shared leaves. An ``init`` that
+      accepts an optional keyword ``shared_mask`` receives the resolved mask (a tree of bools) from
+      :func:`as_optax` / :func:`init_method_state`.
     weigh: for ``losses``/``gramian`` methods, ``(gramian | None, losses, state) -> (w, state)``.
     aggregate: for ``jacobian`` methods, ``(jac, losses, state) -> (update, specific_w, state)``;
       ``jac`` has the params' tree with ``None`` at non-shared leaves and a leading K axis
@@ -187,7 +189,7 @@ def as_optax(method: Method, shared_mask=None) -> CombinerTransformation:
   """
 
   def init(params):
-    return CombinerState(method.init(params), jnp.zeros((), jnp.int32))
+    return CombinerState(init_method_state(method, params, shared_mask), jnp.zeros((), jnp.int32))
 
   def update(task_grads, state, params=None, *, task_losses=None, **extra):
     del params, extra
@@ -228,6 +230,15 @@ def as_optax(method: Method, shared_mask=None) -> CombinerTransformation:
   tx = CombinerTransformation(init, update)
   tx.method = method
   return tx
+
+
+def init_method_state(method: Method, params, shared_mask=None):
+  """``method.init(params)``, also passing the resolved shared mask when ``init`` accepts a
+  ``shared_mask`` keyword (Jacobian methods that keep per-parameter state, e.g. MoCo's tracked
+  gradients, then allocate it for the shared leaves only)."""
+  if "shared_mask" in inspect.signature(method.init).parameters:
+    return method.init(params, shared_mask=resolve_mask(shared_mask, params))
+  return method.init(params)
 
 
 def _fill_none(tree, mask):
