@@ -42,7 +42,6 @@ import time
 from typing import Any, Callable, NamedTuple, Optional
 
 from absl import logging
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -77,140 +76,74 @@ class NonFiniteError(RuntimeError):
 # Model: the sharing strategy's MultiTaskModel, seen through a few pure functions.
 
 
-class _HardSharing(nn.Module):
-  """Hard parameter sharing (the trainer's fallback while ``mtl_jax.sharing`` has no ``get``)."""
+def build_model(config, bench):
+  """The sharing strategy ``config.model.sharing`` over the backbone and the benchmark's tasks.
 
-  backbone: Any
-  tasks: tuple
-
-  def setup(self):
-    self.stages = [f() for f in self.backbone.stages]
-    self.heads = {t.name: t.head() for t in self.tasks}
-
-  def encode(self, inputs, train: bool = False):
-    x = inputs
-    for stage in self.stages:
-      x = stage(x, train)
-    return x
-
-  def decode(self, z, train: bool = False):
-    return {name: head(z) for name, head in self.heads.items()}
-
-  def __call__(self, inputs, train: bool = False):
-    return self.decode(self.encode(inputs, train), train)
-
-
-class Model(NamedTuple):
-  """What the trainer needs from a model (built by :func:`build_model`)."""
-
-  module: nn.Module
-  shared_mask: Callable[[PyTree], PyTree]
-  regularizer: Optional[Callable[[PyTree], jax.Array]]
-  num_params: Callable[[PyTree], int]
-  split: bool  # has encode / decode (the engine's 'features' mode)
-  source: Any  # the sharing strategy's MultiTaskModel (or None for the fallback)
-
-
-def _count(params) -> int:
-  return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))
-
-
-def build_model(config, bench) -> Model:
-  """The sharing strategy ``config.model.sharing`` over the backbone and the benchmark's tasks."""
+  Returns a :class:`mtl_jax.sharing.MultiTaskModel`. ``config.model.backbone`` (with
+  ``config.model.width`` when non-zero) replaces the benchmark's default backbone.
+  """
+  from mtl_jax import sharing  # pylint: disable=g-import-not-at-top
   backbone = bench.backbone
   if config.model.backbone:
     from mtl_jax import models  # pylint: disable=g-import-not-at-top
     opts = {"width": int(config.model.width)} if config.model.width else {}
     backbone = models.get(config.model.backbone, **opts)
-  options = config.model.sharing_options.to_dict()
-  try:
-    from mtl_jax import sharing  # pylint: disable=g-import-not-at-top
-    get = getattr(sharing, "get", None)
-  except ImportError:
-    get = None
-  if get is None:
-    if config.model.sharing != "hard" or options:
-      raise config_utils.ConfigError(
-          f"unknown sharing {config.model.sharing!r}; valid: hard (mtl_jax.sharing is not installed)")
-    module = _HardSharing(backbone, tuple(bench.tasks))
-
-    def mask(params):
-      return jax.tree_util.tree_map_with_path(
-          lambda path, _: str(getattr(path[0], "key", "")).startswith("stages"), params)
-
-    return Model(module, mask, None, _count, True, None)
-  mtm = get(config.model.sharing, backbone, list(bench.tasks), **options)
-  reg = getattr(mtm, "regularizer", None)
-  num = getattr(mtm, "num_params", None) or _count
-  split = callable(getattr(mtm, "encode", None)) and callable(getattr(mtm, "decode", None))
-  return Model(mtm.module, mtm.shared_mask, reg, num, split, mtm)
+  return sharing.get(config.model.sharing, backbone, list(bench.tasks),
+                     **config.model.sharing_options.to_dict())
 
 
-def _variables(params, batch_stats):
-  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+def _variables(params, batch_stats, constants):
+  v = dict(constants)
+  v["params"] = params
+  if batch_stats:
+    v["batch_stats"] = batch_stats
+  return v
 
 
-def _forward(model: Model, params, batch_stats, inputs, rng, train=True):
-  """``(predictions, new_batch_stats)``."""
-  variables = _variables(params, batch_stats)
-  if batch_stats and train:
-    preds, mutated = model.module.apply(variables, inputs, train=True, mutable=["batch_stats"],
-                                        rngs={"dropout": rng})
-    return preds, mutated["batch_stats"]
-  preds = model.module.apply(variables, inputs, train=train, rngs={"dropout": rng})
-  return preds, batch_stats
-
-
-def eval_apply(model: Model):
+def eval_apply(model):
   def apply(variables, inputs):
-    return model.module.apply(variables, inputs, train=False)
+    return model.apply(variables, inputs, train=False)[0]
   return apply
 
 
-def make_loss_fn(model: Model, tasks, multi_input: bool):
+def make_loss_fn(model, tasks, multi_input: bool, constants):
   """``loss_fn(params, batch_stats, batch, rng) -> (losses[K], new_batch_stats)``."""
+
+  def forward(params, bs, inputs, rng):
+    preds, upd = model.apply(_variables(params, bs, constants), inputs, train=True,
+                             rngs={"dropout": rng})
+    return preds, upd.get("batch_stats", bs)
 
   def loss_fn(params, batch_stats, batch, rng):
     losses, bs = [], batch_stats
     if multi_input:
       for i, t in enumerate(tasks):
         sub = batch[t.name]
-        preds, bs = _forward(model, params, bs, sub["inputs"], jax.random.fold_in(rng, i))
+        preds, bs = forward(params, bs, sub["inputs"], jax.random.fold_in(rng, i))
         losses.append(t.loss(preds[t.name], sub["targets"][t.name]))
     else:
-      preds, bs = _forward(model, params, bs, batch["inputs"], rng)
+      preds, bs = forward(params, bs, batch["inputs"], rng)
       losses = [t.loss(preds[t.name], batch["targets"][t.name]) for t in tasks]
     return jnp.stack([jnp.asarray(l, jnp.float32) for l in losses]), bs
 
   return loss_fn
 
 
-def make_split_loss(model: Model, tasks):
+def make_split_loss(model, tasks, constants):
   """The ``features``-mode :class:`~mtl_jax.autodiff.SplitLoss` (single-input batches).
 
-  The encoder's batch-norm state is the updated one; the heads read it unchanged.
+  The encoder's batch-norm update is kept (``aux`` of ``encode``); batch norm inside the heads, if
+  any, normalises with the batch but its running statistics are not updated in this mode.
   """
 
-  def _call(params, batch_stats, rng, method, *args):
-    variables = _variables(params, batch_stats)
-    if model.source is not None:  # the sharing strategy's entry points
-      fn = getattr(model.source, method)
-      out = fn(variables, *args, train=True) if not batch_stats else fn(
-          variables, *args, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-    else:
-      kw = dict(method=method, rngs={"dropout": rng})
-      out = (model.module.apply(variables, *args, train=True, mutable=["batch_stats"], **kw)
-             if batch_stats else model.module.apply(variables, *args, train=True, **kw))
-    if batch_stats:
-      value, mutated = out
-      return value, mutated["batch_stats"]
-    return out, batch_stats
-
   def encode(params, batch_stats, batch, rng):
-    return _call(params, batch_stats, rng, "encode", batch["inputs"])
+    z, upd = model.encode(_variables(params, batch_stats, constants), batch["inputs"], train=True,
+                          rngs={"dropout": rng})
+    return z, upd.get("batch_stats", batch_stats)
 
   def decode(params, z, batch_stats, batch, rng):
-    preds, _ = _call(params, batch_stats, rng, "decode", z)
+    preds, _ = model.decode(_variables(params, batch_stats, constants), z, train=True,
+                            rngs={"dropout": jax.random.fold_in(rng, 1)})
     losses = [t.loss(preds[t.name], batch["targets"][t.name]) for t in tasks]
     return jnp.stack([jnp.asarray(l, jnp.float32) for l in losses]), None
 
@@ -275,24 +208,29 @@ def _global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros(())
 
 
-def make_train_step(model: Model, tasks, method: combiners.Method, tx: optax.GradientTransformation,
+def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTransformation,
                     mesh, *, mode: str, reduction: str = "exact", multi_input: bool = False,
-                    shared_mask=None):
+                    shared_mask=None, constants=None):
   """``step(state, batch) -> (state, metrics)``: jitted, SPMD over ``mesh``, state donated.
 
-  ``shared_mask`` is the tree of bools over the params (from the model).
+  ``model`` is a :class:`mtl_jax.sharing.MultiTaskModel`; ``shared_mask`` the tree of bools over
+  the params; ``constants`` the model's non-trainable collections other than batch statistics
+  (e.g. sparse-sharing masks), closed over as constants.
   """
+  constants = dict(constants or {})
   if mode == "features":
     if multi_input:
       raise config_utils.ConfigError(
           "engine mode 'features' needs single-input batches; valid for multi-input: "
           "losses, gramian, jacobian")
-    if not model.split:
+    if not model.has_split:
+      from mtl_jax import sharing  # pylint: disable=g-import-not-at-top
       raise config_utils.ConfigError(
-          "engine mode 'features' needs a sharing strategy with encode/decode (e.g. hard)")
-    loss_fn = make_split_loss(model, tasks)
+          f"engine mode 'features' needs one shared representation; sharing {model.name!r} has "
+          f"none (valid: {', '.join(n for n in sharing.names() if sharing.base._SPLIT.get(n))})")
+    loss_fn = make_split_loss(model, tasks, constants)
   else:
-    loss_fn = make_loss_fn(model, tasks, multi_input)
+    loss_fn = make_loss_fn(model, tasks, multi_input, constants)
 
   def per_device(state: TrainState, batch):
     rng = jax.random.wrap_key_data(state.rng)
@@ -304,8 +242,8 @@ def make_train_step(model: Model, tasks, method: combiners.Method, tx: optax.Gra
     new_bs = jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), aux) if state.batch_stats else {}
     grad = out.update
     metrics = {}
-    if model.regularizer is not None:
-      reg, reg_grad = jax.value_and_grad(model.regularizer)(state.params)
+    if model.regularizer_fn is not None:
+      reg, reg_grad = jax.value_and_grad(model.regularizer_fn)(state.params)
       grad = jax.tree.map(jnp.add, grad, reg_grad)
       metrics["regularizer"] = reg
     updates, opt_state = tx.update(grad, state.opt_state, state.params)
@@ -339,17 +277,18 @@ def replicate(tree, mesh):
   return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
 
 
-def init_state(config, model: Model, bench, method: combiners.Method, tx, mesh) -> TrainState:
+def init_state(config, model, bench, method: combiners.Method, tx, mesh):
+  """``(state, constants)``: the replicated initial TrainState and the model's constant
+  collections (neither ``params`` nor ``batch_stats``)."""
   key = jax.random.key(int(config.seed))
   init_key, data_key = jax.random.split(key)
-  sample = bench.backbone.sample_input() if bench.backbone.sample_input else None
-  if sample is None:
+  sample_fn = model.sample_input or bench.backbone.sample_input
+  if sample_fn is None:
     raise ValueError(f"benchmark {bench.name!r}: its backbone has no sample_input for init")
-  if bench.multi_input and isinstance(sample, dict) and set(sample) == {t.name for t in bench.tasks}:
-    sample = next(iter(sample.values()))["inputs"]
-  variables = model.module.init({"params": init_key, "dropout": init_key}, sample, train=False)
+  variables = model.init(init_key, sample_fn())
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
+  constants = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
   state = TrainState(
       params=params,
       batch_stats=batch_stats,
@@ -357,7 +296,7 @@ def init_state(config, model: Model, bench, method: combiners.Method, tx, mesh) 
       combiner_state=method.transform().init(params),
       step=jnp.zeros((), jnp.int32),
       rng=jax.random.key_data(data_key))
-  return replicate(state, mesh)
+  return replicate(state, mesh), replicate(constants, mesh)
 
 
 def params_checksum(params) -> str:
@@ -427,7 +366,37 @@ def build(config):
   model = build_model(config, bench)
   mode = config.engine.mode or autodiff.default_mode(method)
   autodiff.check_mode(method, mode)
+  if method.needs != combiners.LOSSES:
+    sample_fn = model.sample_input or bench.backbone.sample_input
+    shapes = jax.eval_shape(lambda r: model.init(r, sample_fn()), jax.random.key(0))
+    mask = combiners.resolve_mask(model.shared_mask, shapes["params"])
+    if not any(jax.tree.leaves(mask)):
+      raise config_utils.ConfigError(
+          f"combiner {method.name!r} needs a Gramian over shared parameters but sharing "
+          f"{model.name!r} shares none; valid combiners for it (loss-based): "
+          f"{', '.join(n for n in combiners.names() if combiners.method(n, len(bench.tasks)).needs == combiners.LOSSES)}")
   return bench, model, method, mode
+
+
+def run_steps(config, num_steps: int, devices=None, batches=None):
+  """Train ``num_steps`` steps from the initial state without the loop's outputs (no checkpoint,
+  no logging); returns ``(state, [metrics per step])``. For tests and notebooks."""
+  bench, model, method, mode = build(config)
+  mesh = make_mesh(devices)
+  loader = bench.loader("train", int(config.train.batch_size), int(config.seed), True,
+                        jax.process_index(), jax.process_count())
+  tx = make_optimizer(config, max(int(config.train.num_steps), num_steps))
+  state, constants = init_state(config, model, bench, method, tx, mesh)
+  mask = combiners.resolve_mask(model.shared_mask, jax.device_get(state.params))
+  step_fn = make_train_step(model, list(bench.tasks), method, tx, mesh, mode=mode,
+                            reduction=config.engine.reduction, multi_input=bench.multi_input,
+                            shared_mask=mask, constants=constants)
+  history = []
+  for i in range(num_steps):
+    batch = batches[i] if batches is not None else next(loader)
+    state, metrics = step_fn(state, shard_batch(batch, mesh))
+    history.append(jax.device_get(metrics))
+  return state, history
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[bool] = None,
@@ -451,11 +420,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
   num_steps = int(config.train.num_steps) or int(config.train.num_epochs) * \
       train_loader.batches_per_epoch
   tx = make_optimizer(config, num_steps)
-  state = init_state(config, model, bench, method, tx, mesh)
+  state, constants = init_state(config, model, bench, method, tx, mesh)
   mask = combiners.resolve_mask(model.shared_mask, jax.device_get(state.params))
   step_fn = make_train_step(model, tasks, method, tx, mesh, mode=mode,
                             reduction=config.engine.reduction, multi_input=bench.multi_input,
-                            shared_mask=mask)
+                            shared_mask=mask, constants=constants)
   num_params = int(model.num_params(jax.device_get(state.params)))
 
   main = pidx == 0
@@ -499,7 +468,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
 
   def run_eval(step):
     nonlocal best, last_eval
-    variables = _variables(state.params, state.batch_stats)
+    variables = _variables(state.params, state.batch_stats, constants)
     res = {s: evaluation.evaluate(None, variables, ld, tasks, multi_input=bench.multi_input,
                                   stats_fn=stats_fn, reduce_fn=reduce_fn)
            for s, ld in eval_loaders.items()}
