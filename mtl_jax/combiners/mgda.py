@@ -1,0 +1,129 @@
+"""MGDA: the min-norm point of the convex hull of the task gradients (+ MGDA-UB).
+
+Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018
+(arXiv:1810.04650); official code github.com/isl-org/MultiObjectiveOptimization
+(``min_norm_solvers.py``), also the MGDA baselines of the Nash-MTL repository and LibMTL.
+
+``w = argmin_{w in simplex} || sum_k w_k g_k / n_k ||^2`` where ``n_k`` is the official gradient
+normaliser (``normalization``: ``'none'`` (default in the Nash-MTL repository and LibMTL) -> 1,
+``'l2'`` -> ``||g_k||``, ``'loss'`` -> ``L_k``, ``'loss+'`` -> ``L_k ||g_k||``). As in all three
+official codes the resulting ``w`` then weights the *unnormalised* losses (``sum_k w_k L_k``):
+the normaliser changes which point is chosen, not the gradients it is applied to.
+
+MGDA-UB (the paper's upper bound, Sec. 3.3) is this same weighting computed by the engine in mode
+``'features'``: ``autodiff.combine(method('mgda', K), state, SplitLoss(encode, decode), params,
+..., mode='features')`` takes the Gramian of the gradients w.r.t. the shared representation
+``z`` instead of the shared parameters (about one backward pass).
+
+Solver: the official code runs Frank-Wolfe (250 iterations, stop at 1e-5) after the best pairwise
+closed form. We solve the same quadratic program on the simplex with accelerated projected gradient
+(FISTA with backtracking and adaptive restart, ``max_iter`` iterations, exact Euclidean projection
+on the simplex) inside jit, on the Gramian scaled to unit trace (the minimiser is scale-free); it
+reaches the QP's optimum to ~1e-6 relative on random inputs (tested against scipy).
+
+Hyper-parameters: ``normalization='none'``, ``scale_by_k=False`` (``True``: weights sum to K as in
+the Nash-MTL repository's baseline; ``False``: sum to 1 as in the paper, the Sener code and
+LibMTL), ``max_iter=250`` (the official Frank-Wolfe ``MAX_ITER``).
+
+Task-specific parameters: ``specific='weighted'`` (the official codes back-propagate
+``sum_k w_k L_k``). Deviations: the QP solver (above); a zero normaliser (zero gradient or zero
+loss) is replaced by 1 instead of dividing by zero.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.combiners.base import GRAMIAN, EmptyState, Method, register
+
+NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+
+def project_simplex(v: jax.Array) -> jax.Array:
+  """Euclidean projection onto the probability simplex (sort-based, exact)."""
+  k = v.shape[0]
+  u = jnp.sort(v)[::-1]
+  css = jnp.cumsum(u) - 1.0
+  idx = jnp.arange(1, k + 1, dtype=v.dtype)
+  cond = u - css / idx > 0
+  rho = jnp.max(jnp.where(cond, jnp.arange(k), 0))
+  theta = css[rho] / (rho + 1).astype(v.dtype)
+  return jnp.maximum(v - theta, 0.0)
+
+
+def simplex_minimize(f: Callable[[jax.Array], jax.Array], w0: jax.Array, iters: int,
+                     lipschitz0: float = 1.0) -> jax.Array:
+  """Minimise a smooth convex ``f`` over the simplex: FISTA with backtracking and restart."""
+  grad_f = jax.grad(f)
+
+  def step(carry, _):
+    w, y, t, lip = carry
+    fy, gy = f(y), grad_f(y)
+
+    def prox(l):
+      return project_simplex(y - gy / l)
+
+    def too_big(c):
+      l, n = c
+      p = prox(l)
+      d = p - y
+      return (f(p) > fy + gy @ d + 0.5 * l * (d @ d) + 1e-12 * jnp.abs(fy)) & (n < 40)
+
+    lip, _ = jax.lax.while_loop(too_big, lambda c: (c[0] * 2.0, c[1] + 1), (lip, 0))
+    w_new = prox(lip)
+    t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
+    restart = f(w_new) > f(w)
+    y_new = jnp.where(restart, w_new, w_new + ((t - 1.0) / t_new) * (w_new - w))
+    t_new = jnp.where(restart, 1.0, t_new)
+    return (w_new, y_new, t_new, lip * 0.9), None
+
+  init = (w0, w0, jnp.ones((), w0.dtype), jnp.asarray(lipschitz0, w0.dtype))
+  (w, *_), _ = jax.lax.scan(step, init, None, length=int(iters))
+  return w
+
+
+def min_norm_weights(gramian: jax.Array, iters: int = 250) -> jax.Array:
+  """``argmin_{w in simplex} w^T G w`` (the min-norm point of the convex hull), in jit."""
+  g = jnp.asarray(gramian, jnp.float32)
+  k = g.shape[0]
+  tr = jnp.trace(g)
+  g = jnp.where(tr > 0, g / jnp.where(tr > 0, tr, 1.0), g)
+  w0 = jnp.full((k,), 1.0 / k, jnp.float32)
+  if k == 1:
+    return jnp.ones((1,), jnp.float32)
+  lip0 = jnp.maximum(jnp.max(jnp.diagonal(g)), 1e-6) * 2.0
+  return simplex_minimize(lambda w: 0.5 * w @ g @ w, w0, iters, lip0)
+
+
+def normalizers(gramian: jax.Array, losses: jax.Array, normalization: str) -> jax.Array:
+  """The official MGDA gradient normalisers ``n_k`` (Sener et al.'s ``gradient_normalizers``)."""
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gramian), 0.0))
+  n = {"none": jnp.ones_like(losses), "l2": norms, "loss": losses, "loss+": losses * norms}
+  if normalization not in n:
+    raise ValueError(f"mgda: unknown normalization {normalization!r}; "
+                     f"valid: {', '.join(NORMALIZATIONS)}")
+  n = n[normalization]
+  return jnp.where(jnp.isfinite(n) & (n != 0), n, 1.0)
+
+
+@register("mgda")
+def mgda(num_tasks: int, normalization: str = "none", scale_by_k: bool = False,
+         max_iter: int = 250) -> Method:
+  """MGDA (Sener & Koltun 2018); MGDA-UB via the engine's ``features`` mode. See the module doc."""
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"mgda: unknown normalization {normalization!r}; "
+                     f"valid: {', '.join(NORMALIZATIONS)}")
+  if int(max_iter) < 1:
+    raise ValueError(f"mgda: max_iter must be >= 1, got {max_iter}")
+  scale = float(num_tasks) if scale_by_k else 1.0
+
+  def weigh(gramian, losses, state):
+    n = normalizers(gramian, losses, normalization)
+    gn = gramian / (n[:, None] * n[None, :])
+    return scale * min_norm_weights(gn, int(max_iter)), state
+
+  return Method("mgda", num_tasks, GRAMIAN, init=lambda params: EmptyState(), weigh=weigh,
+                specific="weighted")
