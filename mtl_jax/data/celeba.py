@@ -97,15 +97,22 @@ def _tasks(attributes):
 
 
 def backbone(config, default: str, **defaults):
-  """The benchmark's backbone: ``config.model.backbone`` or ``default``, width from the config."""
+  """The benchmark's backbone: ``config.model.backbone`` or ``default``, ``config.model.width``
+  (see ``WIDTH_UNIT``); ``defaults`` (input size, vocabulary, ...) apply to ``default`` only.
+  Configs leave ``model.backbone`` empty so that this backbone, with those options, is used."""
   from mtl_jax import models  # pylint: disable=g-import-not-at-top
 
   name = tfds_utils.config_get(config, "model.backbone", "") or default
   opts = dict(defaults) if name == default else {}  # the defaults fit the default backbone only
   width = tfds_utils.config_get(config, "model.width", 0)
   if width:
-    opts["width"] = width
+    opts["width"] = width / WIDTH_UNIT[name] if name in WIDTH_UNIT else int(width)
   return models.get(name, **opts)
+
+
+# Backbones whose ``width`` option is a multiplier: ``config.model.width`` (an int, the schema's
+# type) is their first layer's channels, divided by the paper's value to give the multiplier.
+WIDTH_UNIT = {"celeba_cnn": 64, "lenet": 10}
 
 
 @register("celeba")
