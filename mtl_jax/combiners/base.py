@@ -214,6 +214,10 @@ def as_optax(method: Method, shared_mask=None) -> CombinerTransformation:
       ok = ok & all_finite(weights)
       weights = jnp.where(ok, weights, 0.0)
       updates = combine_jacobian(method, weights, task_grads, mask)
+      # A non-finite gradient that the checks above do not see (loss-only methods build no
+      # Gramian) shows in the update; specific='sum' leaves do not go through the weights.
+      ok = ok & all_finite(updates)
+      updates = jax.tree.map(lambda u: jnp.where(ok, u, 0.0), updates)
     else:
       shared_jac = jax.tree.map(lambda j, m: j if m else None, task_grads, mask)
       ok = all_finite(losses, shared_jac)
