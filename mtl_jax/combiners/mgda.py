@@ -18,7 +18,7 @@ MGDA-UB (the paper's upper bound, Sec. 3.3) is this same weighting computed by t
 Solver: the official code runs Frank-Wolfe (250 iterations, stop at 1e-5) after the best pairwise
 closed form. We solve the same quadratic program on the simplex with accelerated projected gradient
 (FISTA with backtracking and adaptive restart, ``max_iter`` iterations, exact Euclidean projection
-on the simplex) inside jit, on the Gramian scaled to unit trace (the minimiser is scale-free); it
+on the simplex; for K = 2 an exact bisection on the segment, like the official closed form) inside jit, on the Gramian scaled to unit trace (the minimiser is scale-free); it
 reaches the QP's optimum to ~1e-6 relative on random inputs (tested against scipy).
 
 Hyper-parameters: ``normalization='none'``, ``scale_by_k=False`` (``True``: weights sum to K as in
@@ -56,8 +56,14 @@ def project_simplex(v: jax.Array) -> jax.Array:
 
 def simplex_minimize(f: Callable[[jax.Array], jax.Array], w0: jax.Array, iters: int,
                      lipschitz0: float = 1.0) -> jax.Array:
-  """Minimise a smooth convex ``f`` over the simplex: FISTA with backtracking and restart."""
+  """Minimise a smooth convex ``f`` over the simplex: FISTA with backtracking and restart.
+
+  For K = 2 the simplex is a segment: bisection on the (monotone) derivative of
+  ``f(t e1 + (1 - t) e2)`` over ``[0, 1]`` (60 halvings: exact to float precision), much cheaper.
+  """
   grad_f = jax.grad(f)
+  if w0.shape[0] == 2:
+    return _segment_minimize(f, w0.dtype)
 
   def step(carry, _):
     w, y, t, lip = carry
@@ -83,6 +89,22 @@ def simplex_minimize(f: Callable[[jax.Array], jax.Array], w0: jax.Array, iters: 
   init = (w0, w0, jnp.ones((), w0.dtype), jnp.asarray(lipschitz0, w0.dtype))
   (w, *_), _ = jax.lax.scan(step, init, None, length=int(iters))
   return w
+
+
+def _segment_minimize(f, dtype):
+  e = jnp.eye(2, dtype=dtype)
+  dphi = jax.grad(lambda t: f(t * e[0] + (1.0 - t) * e[1]))
+
+  def halve(_, lohi):
+    lo, hi = lohi
+    mid = 0.5 * (lo + hi)
+    up = dphi(mid) > 0
+    return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
+
+  lo, hi = jax.lax.fori_loop(0, 60, halve, (jnp.zeros((), dtype), jnp.ones((), dtype)))
+  t = jnp.where(dphi(jnp.zeros((), dtype)) >= 0, 0.0,
+                jnp.where(dphi(jnp.ones((), dtype)) <= 0, 1.0, 0.5 * (lo + hi)))
+  return jnp.stack([t, 1.0 - t]).astype(dtype)
 
 
 def min_norm_weights(gramian: jax.Array, iters: int = 250) -> jax.Array:
