@@ -1,0 +1,17 @@
+"""Linear scalarisation (equal weights) on QM9, the LS row of Nash-MTL's Table 3, over
+``qm9_base``.
+
+    python launch/train.py --config=configs/ls_qm9.py:quick --workdir=/tmp/ls_qm9
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qm9_base import get_base  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config(arg: str = ""):
+  c = get_base(arg)
+  c.combiner.name = "ls"
+  return c
