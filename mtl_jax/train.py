@@ -34,6 +34,7 @@ the device step).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -273,8 +274,10 @@ def shard_batch(batch, mesh):
 
 
 def replicate(tree, mesh):
+  """Every leaf replicated over ``mesh``, each in its own buffer (via a host copy: a state whose
+  leaves share one array, e.g. two fields initialised from the same zeros, could not be donated)."""
   sharding = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+  return jax.tree.map(lambda x: jax.device_put(np.array(jax.device_get(x)), sharding), tree)
 
 
 def init_state(config, model, bench, method: combiners.Method, tx, mesh):
@@ -456,6 +459,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
 
   eval_loaders = {s: bench.loader(s, int(config.train.eval_batch_size), 0, False, pidx, pcount)
                   for s in ("validation", "test")}
+  # Optional: the first N in-order training batches, evaluated like validation (the train/validation
+  # gap of mtl_jax.analysis.overfitting); 0 = off.
+  n_train_eval = int(config.train.get("eval_train_batches", 0) or 0)
+  train_eval_loader = (bench.loader("train", int(config.train.eval_batch_size), 0, False, pidx,
+                                    pcount) if n_train_eval else None)
   stats_fn = jax.jit(evaluation.batch_stats_fn(eval_apply(model), tasks, bench.multi_input))
   reduce_fn = None
   if pcount > 1:
@@ -472,6 +480,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
     res = {s: evaluation.evaluate(None, variables, ld, tasks, multi_input=bench.multi_input,
                                   stats_fn=stats_fn, reduce_fn=reduce_fn)
            for s, ld in eval_loaders.items()}
+    if n_train_eval:
+      total = evaluation.accumulate(stats_fn, variables,
+                                    itertools.islice(train_eval_loader.epoch(), n_train_eval))
+      res["train"] = evaluation.results_from_stats(tasks, reduce_fn(total) if reduce_fn else total)
     score = selection_score(rule, res["validation"], bench)
     improved = best["score"] is None or score > best["score"]
     if improved:

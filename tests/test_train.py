@@ -55,12 +55,10 @@ SPMD_SCRIPT = textwrap.dedent("""
   assert jax.device_count() == 4, jax.devices()
   one, four = jax.devices()[:1], jax.devices()
   out = {}
-  for name, mode in (("ls", ""), ("upgrad", "gramian"), ("upgrad", "jacobian"), ("upgrad", "features")):
-    a, b = params(name, one, mode=mode), params(name, four, mode=mode)
-    out[f"{name}/{mode}/1v4"] = float(np.max(np.abs(a - b)))
-  for name in ("ls", "upgrad"):
-    a, b = params(name, four, "exact"), params(name, four, "local")
-    out[f"{name}/exact_v_local"] = float(np.max(np.abs(a - b)))
+  for name in ("ls", "pcgrad"):
+    a, b, c = params(name, one), params(name, four, "exact"), params(name, four, "local")
+    out[f"{name}/1v4"] = float(np.max(np.abs(a - b)))
+    out[f"{name}/exact_v_local"] = float(np.max(np.abs(b - c)))
   print("RESULT" + json.dumps(out))
 """)
 
@@ -74,8 +72,7 @@ def spmd_results():
   return json.loads(line[len("RESULT"):])
 
 
-@pytest.mark.parametrize("key", ["ls//1v4", "upgrad/gramian/1v4", "upgrad/jacobian/1v4",
-                                 "upgrad/features/1v4"])
+@pytest.mark.parametrize("key", ["ls/1v4", "pcgrad/1v4"])
 def test_same_params_on_1_and_4_devices(spmd_results, key):
   assert spmd_results[key] < 1e-5, spmd_results
 
@@ -85,11 +82,11 @@ def test_local_reduction_equals_exact_for_ls(spmd_results):
 
 
 def test_local_reduction_differs_for_a_nonlinear_combiner(spmd_results):
-  assert spmd_results["upgrad/exact_v_local"] > 1e-5, spmd_results
+  assert spmd_results["pcgrad/exact_v_local"] > 1e-5, spmd_results
 
 
 def test_step_metrics_and_conflict_statistics():
-  c = tiny(**{"combiner.name": "upgrad"})
+  c = tiny(**{"combiner.name": "pcgrad"})
   state, hist = train.run_steps(c, 2)
   m = hist[-1]
   assert int(state.step) == 2
@@ -99,9 +96,8 @@ def test_step_metrics_and_conflict_statistics():
     assert key in m and np.all(np.isfinite(m[key])), key
   assert -1 <= float(m["mean_cosine"]) <= 1 and 0 <= float(m["conflict_rate"]) <= 1
   assert float(m["norm_spread"]) >= 1
-  # The losses mode computes no Gramian: no conflict statistics.
-  _, hist = train.run_steps(tiny(), 1)
-  assert "mean_cosine" not in hist[0]
+  np.testing.assert_allclose(float(m["norm_spread"]),
+                             m["grad_norms"].max() / m["grad_norms"].min(), rtol=1e-5)
 
 
 def test_multi_input_batches_use_each_tasks_own_batch():
@@ -118,6 +114,7 @@ def test_multi_input_batches_use_each_tasks_own_batch():
     preds, _ = model.apply(variables, batch[t.name]["inputs"], train=True)
     want = float(t.loss(preds[t.name], batch[t.name]["targets"][t.name]))
     np.testing.assert_allclose(hist[0]["losses"][k], want, rtol=1e-5)
+  assert "mean_cosine" not in hist[0]  # the losses mode computes no Gramian
   # A different task's inputs would give a different loss (the batches are distinct).
   t0, t1 = bench.tasks[0], bench.tasks[1]
   preds, _ = model.apply(variables, batch[t1.name]["inputs"], train=True)
@@ -129,24 +126,20 @@ def _fit(tmp_path, name, **over):
   return train.fit(tiny(**over), str(tmp_path / name), progress=False)
 
 
-def test_same_config_and_seed_gives_identical_summary(tmp_path):
-  a = _fit(tmp_path, "a")
-  b = _fit(tmp_path, "b")
+def test_same_config_and_seed_gives_identical_summary_and_outputs(tmp_path):
+  over = {"combiner.name": "pcgrad"}
+  a = _fit(tmp_path, "a", **over)
+  b = _fit(tmp_path, "b", **over)
   for key in train.TIMING_KEYS:
     a.pop(key), b.pop(key)
   assert a == b
   assert a["step"] == 12 and len(a["params_checksum"]) == 64
   assert set(a["test"]) == {"reg0", "reg1", "cls0", "cls1"}
   assert a["delta_m"] is not None and a["num_params"] > 0
-  c = _fit(tmp_path, "c", seed=1)
-  assert c["params_checksum"] != a["params_checksum"]
 
-
-def test_workdir_outputs(tmp_path):
-  s = _fit(tmp_path, "w", **{"combiner.name": "upgrad"})
-  wd = tmp_path / "w"
+  wd = tmp_path / "a"
   summary = json.loads((wd / "summary.json").read_text())
-  assert summary["params_checksum"] == s["params_checksum"]
+  assert summary["params_checksum"] == a["params_checksum"]
   for key in ("step", "params_checksum", "test", "delta_m", "num_params", "steps_per_sec",
               "wall_time_s", "config", "combiner", "sharing", "tasks"):
     assert key in summary, key
@@ -156,8 +149,8 @@ def test_workdir_outputs(tmp_path):
   assert [r["step"] for r in train_recs] == [3, 6, 9, 12]
   assert [r["step"] for r in eval_recs] == [6, 12]
   assert "mean_cosine" in train_recs[0] and len(train_recs[0]["weights"]) == 4
-  assert summary["selected_step"] in (6, 12)
   best = max(eval_recs, key=lambda r: r["selection_score"])
+  assert summary["selected_step"] == best["step"]
   assert summary["test"] == best["eval"]["test"]
   assert any(f.startswith("events") for f in os.listdir(wd / "tensorboard"))
   assert sorted(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()) == [4, 8, 12]
@@ -169,7 +162,7 @@ def test_nonfinite_stop_names_task_and_step(tmp_path):
   assert not (tmp_path / "nan" / "summary.json").exists()
 
 
-def test_nonfinite_skip_counts_and_keeps_params(tmp_path):
+def test_nonfinite_skip_counts_and_keeps_params():
   c = tiny(**{"data.noise": float("nan"), "train.on_nonfinite": "skip"})
   state0, _ = train.run_steps(c, 0)
   state, hist = train.run_steps(c, 3)
@@ -177,8 +170,6 @@ def test_nonfinite_skip_counts_and_keeps_params(tmp_path):
   assert int(hist[-1]["skipped"]) == 3
   for a, b in zip(jax.tree.leaves(state0.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  s = _fit(tmp_path, "skip", **{"data.noise": float("nan"), "train.on_nonfinite": "skip"})
-  assert s["skipped_steps"] == 12
 
 
 def test_config_validation_is_one_line():
@@ -204,8 +195,6 @@ def test_config_validation_is_one_line():
 @pytest.mark.parametrize("override,needle", [
     ("--config.combiner.name=nope", "valid: "),
     ("--config.train.nope=1", "valid keys of config.train"),
-    ("--config.tasks=reg0,nope", "valid: reg0"),
-    ("--config.engine.mode=nope", "valid: "),
 ])
 def test_launcher_config_errors_are_one_line(tmp_path, override, needle):
   proc = subprocess.run(
