@@ -13,7 +13,7 @@ lowering the rate once validation stalls; selection by validation Delta_m is kep
 
 Variants: ``''`` the protocol; ``'smoke'`` fabricated molecules, tiny MPNN, a few steps (no files,
 no RDKit); ``'quick'`` real QM9 offline from qm9pack (the featurised cache is built once, about a
-minute, under ``~/.cache/mtl_jax/qm9``), bonded graphs, width 32, 300 steps of batch 64,
+minute, under ``~/.cache/mtl_jax/qm9``), bonded graphs, width 32, 200 steps of batch 64,
 evaluation on 1,000 validation / 1,000 test molecules: about 2-3 CPU minutes on 2 cores.
 """
 
@@ -71,9 +71,9 @@ def get_base(variant: str = ""):
     c.data.eval_limit = 1000
     c.model.width = 32
     c.train.batch_size = 64
-    c.train.num_steps = 300
-    c.train.eval_every = 150
-    c.train.log_every = 25
-    c.train.checkpoint_every = 150
+    c.train.num_steps = 200
+    c.train.eval_every = 100
+    c.train.log_every = 20
+    c.train.checkpoint_every = 100
     c.train.eval_batch_size = 125
   return c
