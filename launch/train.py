@@ -67,6 +67,10 @@ def main(argv):
   if summary is None:
     logging.warning("stopped by SIGTERM; rerun the same command to resume")
     return
+  for task, metrics in (summary.get("test") or {}).items():  # the selected step's test metrics
+    vals = metrics.items() if isinstance(metrics, dict) else [("value", metrics)]
+    print(f"test {task}: " + ", ".join(f"{k} {float(v):.6g}" for k, v in vals))
+  print(f"num_params {summary.get('num_params')}")
   print(f"step {summary['step']} params_checksum {summary['params_checksum']} "
         f"delta_m {summary['delta_m']} -> {os.path.join(workdir, 'summary.json')}")
 
