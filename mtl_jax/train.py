@@ -503,7 +503,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
                  json.dumps(logging_utils._plain(res)), score, best["step"])
 
   def save(step, force=False):
-    meta = {"position": int(train_loader.position), "step": int(step), "best": best,
+    # The loader is one batch ahead (the next batch is read while the device runs the step).
+    position = train_loader.position - (1 if batch is not None else 0)
+    meta = {"position": int(position), "step": int(step), "best": best,
             "last_eval": int(last_eval)}
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(logging_utils._plain(meta))),
@@ -518,6 +520,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
   step = start
   skipped_total = int(jax.device_get(state.combiner_state.skipped))
   preempted = False
+  batch = None
   try:
     batch = next(train_loader) if step < num_steps else None
     while step < num_steps:
