@@ -49,9 +49,10 @@ def stch(num_tasks: int, mu: float = 1.0, warmup_steps: int = 0,
 
   Warm-up, as official but in steps: for the first ``warmup_steps`` steps the objective is
   ``sum_k log(L_k + 1e-20)`` (weights ``1 / L_k``) and over the last ``nadir_steps`` of them the
-  losses are averaged; that mean is the nadir vector. The official code counts epochs:
-  ``STCH_warmup_epoch=4`` warm-up epochs, the fourth-plus-one (index 4) averaged, so the official
-  schedule is ``warmup_steps = 5 E``, ``nadir_steps = E`` for E steps per epoch. Defaults:
+  losses are averaged; that mean is the nadir vector. The official code counts epochs: with
+  ``STCH_warmup_epoch=4``, epochs 0-3 use the log objective, epoch 4 uses it too while averaging
+  the losses, and STCH starts at epoch 5; for E steps per epoch that is ``warmup_steps = 5 E``,
+  ``nadir_steps = E``. Defaults:
   ``mu=1.0`` (``--STCH_mu``); ``warmup_steps=0``, ``nadir_steps=0`` (ours: the library does not
   know the epoch length): no warm-up and a nadir of ones, i.e. STCH on ``log L``.
   With ``warmup_steps > 0`` and ``nadir_steps = 0`` the nadir stays at ones after the warm-up.
