@@ -27,8 +27,9 @@ every strategy here is exactly a single-task network.
   (e.g. ``optax.multi_transform`` on the ``stitch_<i>`` leaves).
 
 Shared masks: nothing is shared in ``independent`` and ``soft`` (each tower gets only its own
-task's gradient; the soft penalty couples them through the loss); in ``cross_stitch`` every
-tower and stitch unit depends on every task (shared), the heads do not.
+task's gradient; the soft penalty couples them through the loss); in ``cross_stitch`` a tower
+stage followed by a stitch unit, and a stitch unit followed by another, depend on every task
+(shared); the heads, the last unit (its row k feeds task k only) and stages after it are not.
 """
 
 from __future__ import annotations
@@ -155,7 +156,13 @@ def cross_stitch(backbone, tasks, *, after: Optional[Sequence[int]] = None, init
     raise ValueError(f"unknown cross-stitch init {init!r}; valid: {', '.join(STITCH_INITS)}")
   module = _build("cross_stitch", backbone, tasks, stitch_after=after, stitch_mode=init,
                   self_weight=float(self_weight))
+  # Row k of a stitch unit feeds tower k only; it reaches the other tasks through a later
+  # stitch. So stage i is shared iff a stitch follows it (at i or later), stitch i iff a later
+  # stitch exists; the rest is task-specific (e.g. the last unit before the heads).
+  shared = tuple(f"tower_{i}" for i in range(s) if any(j >= i for j in after)) + tuple(
+      f"stitch_{i}" for i in after if any(j > i for j in after))
   return MultiTaskModel("cross_stitch", module, module.task_names,
-                        lambda p: path_mask(p, ("tower_", "stitch_")),
+                        lambda p: {n: jax.tree.map(lambda _, sh=n in shared: sh, v)
+                                   for n, v in p.items()},
                         options={"after": after, "init": init, "self_weight": self_weight},
                         sample_input=backbone.sample_input)
