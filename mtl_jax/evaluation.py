@@ -175,7 +175,9 @@ def conflict_stats(gramian: jax.Array, eps: float = 1e-12) -> dict[str, jax.Arra
   Returns the per-task gradient norms, the mean pairwise cosine similarity over task pairs
   ``i < j``, the conflict rate (fraction of pairs with negative cosine, Yu et al. 2020's
   "conflicting gradients"), the minimum cosine, and the norm spread ``max_k |g_k| / min_k |g_k|``
-  (the gradient-magnitude-similarity measure of PCGrad's analysis, inverted). With one task the
+  (the gradient-magnitude-similarity measure of PCGrad's analysis, inverted), and the full
+  pairwise cosine matrix ``cosine`` (K x K; the trainer averages it over each logging interval, so
+  ``metrics.jsonl`` holds it at intervals for :mod:`mtl_jax.analysis.conflict`). With one task the
   pair statistics are NaN-free: cosine 1, conflict 0.
   """
   g = jnp.asarray(gramian, jnp.float32)
@@ -190,4 +192,4 @@ def conflict_stats(gramian: jax.Array, eps: float = 1e-12) -> dict[str, jax.Arra
     mean_cos, conflict, min_cos = jnp.ones(()), jnp.zeros(()), jnp.ones(())
   spread = norms.max() / jnp.maximum(norms.min(), eps)
   return {"grad_norms": norms, "mean_cosine": mean_cos, "conflict_rate": conflict,
-          "min_cosine": min_cos, "norm_spread": spread}
+          "min_cosine": min_cos, "norm_spread": spread, "cosine": cos}
