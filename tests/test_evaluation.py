@@ -161,3 +161,17 @@ def test_jsonl_flatten_and_progress_bar(tmp_path):
   quiet = io.StringIO()
   logging_utils.ProgressBar(10, stream=quiet).update(5)  # not a TTY: nothing written
   assert quiet.getvalue() == ""
+
+
+def test_colab_notebook_is_valid_nbformat_json():
+  import json  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  nb = json.load(open(os.path.join(root, "launch", "colab.ipynb")))
+  assert nb["nbformat"] == 4 and nb["cells"]
+  for cell in nb["cells"]:
+    assert cell["cell_type"] in ("markdown", "code") and isinstance(cell["source"], list)
+    if cell["cell_type"] == "code":
+      assert cell["outputs"] == [] and "execution_count" in cell
+  code = "".join("".join(c["source"]) for c in nb["cells"])
+  assert "launch/train.py" in code and "summary.json" in code and "metrics.jsonl" in code
+  assert os.path.exists(os.path.join(root, "configs", "nash_celeba.py"))
