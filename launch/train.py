@@ -57,11 +57,11 @@ def main(argv):
   config = _CONFIG.value
   logging.info("config:\n%s", config)
   try:
-    train.build(config)  # validate and build first: configuration errors are one line
+    built = train.build(config)  # validate and build first: configuration errors are one line
   except (config_utils.ConfigError, ValueError, KeyError, TypeError) as e:
     _fail(str(e).splitlines()[0] if str(e) else repr(e), 2)
   try:
-    summary = train.fit(config, workdir, progress=_PROGRESS.value)
+    summary = train.fit(config, workdir, progress=_PROGRESS.value, built=built)
   except train.NonFiniteError as e:
     _fail(str(e), 3)
   if summary is None:

@@ -403,13 +403,13 @@ def run_steps(config, num_steps: int, devices=None, batches=None):
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[bool] = None,
-        devices=None) -> Optional[dict]:
+        devices=None, built=None) -> Optional[dict]:
   """Train (or resume) the run of ``config`` in ``workdir``; returns the summary (None if stopped
-  by SIGTERM before the end)."""
+  by SIGTERM before the end). ``built``: the result of :func:`build` when the caller has it."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   t_start = time.perf_counter()
-  bench, model, method, mode = build(config)
+  bench, model, method, mode = built if built is not None else build(config)
   tasks = list(bench.tasks)
   names = [t.name for t in tasks]
   mesh = make_mesh(devices)
