@@ -16,8 +16,8 @@ A sweep config (``configs/sweeps/*.py``) has ``get_config()`` returning a Config
 Δm% and of the negative-transfer test. Any field can be overridden on the command line
 (``--config.seeds=0,1``).
 
-Runs go one after another as subprocesses of ``launch/train.py`` (single-task baselines first),
-each in ``<workdir>/<run name>``. The sweep is resumable: a run whose ``summary.json`` exists is
+Runs go one after another as subprocesses of ``launch/train.py`` (single-task baselines first,
+then seed by seed, so that a sweep cut short has every method at least once), each in ``<workdir>/<run name>``. The sweep is resumable: a run whose ``summary.json`` exists is
 skipped, and an interrupted one resumes from its checkpoint when the sweep is rerun. The list of
 runs (name, axes, workdir, command) is written to ``<workdir>/sweep.json``, which
 ``launch/report.py`` reads; each run's stdout/stderr go to ``<run>/sweep.log``. A failing run is
@@ -42,15 +42,6 @@ sys.path.insert(0, ROOT)
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "sweep config file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "sweep directory (one sub-directory per run)")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the runs and their commands, run nothing")
-_EMIT = flags.DEFINE_string("emit", None, "write the commands of the unfinished runs to this file "
-                            "(one per line) instead of running them")
-_ONLY = flags.DEFINE_string("only", None, "regular expression: only runs whose name matches")
-_STOP = flags.DEFINE_bool("stop_on_error", False, "stop at the first failing run")
-_PYTHON = flags.DEFINE_string("python", sys.executable, "the interpreter that runs launch/train.py")
 
 REQUIRED = ("base", "combiners", "sharing", "seeds", "task_mixes")
 
@@ -118,13 +109,13 @@ def expand(sweep) -> list[RunSpec]:
       seen += [t for t in names if t not in seen]
     extra = tuple(_check_override(o) for o in _list(sweep.get("single_task_overrides", ())))
     comb = str(sweep.get("single_task_combiner", "ls"))
-    for t in seen:
-      for s in seeds:
+    for s in seeds:
+      for t in seen:
         runs.append(RunSpec(f"stl/{t}/s{s}", "stl", comb, "hard", s, t, common + extra))
-  for mix in mixes:
-    for sh in shares:
-      for c in combs:
-        for s in seeds:
+  for s in seeds:  # seed-major: a sweep cut short still has every method once
+    for mix in mixes:
+      for sh in shares:
+        for c in combs:
           runs.append(RunSpec(f"{mix_label(mix)}/{sh}/{c}/s{s}", "mtl", c, sh, s, mix, common))
   names = [r.name for r in runs]
   dup = {n for n in names if names.count(n) > 1}
@@ -236,6 +227,24 @@ def _fail(msg: str) -> None:
   sys.exit(2)
 
 
+def _define_flags():
+  """The command-line flags (defined only when run as a script, so that tests can import the
+  grid logic without touching absl's global flags)."""
+  g = globals()
+  g["_CONFIG"] = config_flags.DEFINE_config_file("config", None, "sweep config file")
+  g["_WORKDIR"] = flags.DEFINE_string("workdir", None,
+                                      "sweep directory (one sub-directory per run)")
+  g["_DRY_RUN"] = flags.DEFINE_bool("dry_run", False,
+                                    "print the runs and their commands, run nothing")
+  g["_EMIT"] = flags.DEFINE_string("emit", None, "write the commands of the unfinished runs to "
+                                   "this file (one per line) instead of running them")
+  g["_ONLY"] = flags.DEFINE_string("only", None, "regular expression: only runs whose name matches")
+  g["_STOP"] = flags.DEFINE_bool("stop_on_error", False, "stop at the first failing run")
+  g["_PYTHON"] = flags.DEFINE_string("python", sys.executable,
+                                     "the interpreter that runs launch/train.py")
+
+
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
