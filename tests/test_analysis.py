@@ -309,3 +309,14 @@ def test_fmt_number():
   assert tables.fmt_number(0.000012345) == "1.234e-05"
   assert tables.fmt_number(123.456) == "123.5"
   assert tables.fmt_number(7) == "7" and tables.fmt_number(math.nan) == "–"
+
+
+def test_tag_from_a_real_config():
+  """TAG on the digits benchmark (real data, smoke-sized LeNet), two steps."""
+  from mtl_jax import config_utils  # pylint: disable=g-import-not-at-top
+  config = config_utils.load_config_file("configs/nash_digits.py:smoke")
+  names, res, groups = affinity.from_config(config, num_steps=2, lr=0.1)
+  assert names == ["left", "right"] and res.per_step.shape == (2, 2, 2)
+  assert np.all(np.isfinite(res.mean))
+  assert np.all(np.diag(res.mean) > 0)  # a task's own SGD step lowers its loss
+  assert sorted(sum(groups[2].groups, [])) == ["left", "right"]

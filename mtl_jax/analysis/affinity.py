@@ -220,3 +220,42 @@ def suggest_groups(z: np.ndarray, tasks: Sequence[str], max_groups: int = 3,
     named = [[tasks[i] for i in grp] for grp in best]
     out[g] = Grouping(named, group_score(z, best), exhaustive)
   return out
+
+
+def from_config(config, num_steps: int = 50, lr: Optional[float] = None, every: int = 1,
+                max_groups: int = 3):
+  """TAG on a training config: build its benchmark and model (``mtl_jax.train.build``), train
+  ``num_steps`` SGD steps on the sum of the task losses from the initial parameters and average
+  the lookahead affinity over them; returns ``(task names, WindowAffinity, groupings)``.
+
+  The window is the start of training (the paper averages over the whole run; pass a larger
+  ``num_steps`` for a longer window). ``lr`` defaults to the config's learning rate. Batch-norm
+  statistics are frozen at their initial values and dropout uses one fixed key (the lookahead
+  compares losses on the same batch, so the noise must not differ between the two evaluations).
+  Single-input benchmarks only.
+  """
+  from mtl_jax import train  # pylint: disable=g-import-not-at-top
+  bench, model, _, _ = train.build(config)
+  if bench.multi_input:
+    raise ValueError(f"benchmark {bench.name!r} is multi-input; TAG here needs one shared batch")
+  tasks = list(bench.tasks)
+  sample_fn = model.sample_input or bench.backbone.sample_input
+  variables = model.init(jax.random.key(int(config.seed)), sample_fn())
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  constants = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
+  loss_with_state = train.make_loss_fn(model, tasks, False, constants)
+  rng = jax.random.key(int(config.seed) + 1)
+
+  def loss_fn(p, batch):
+    return loss_with_state(p, batch_stats, batch, rng)[0]
+
+  loader = bench.loader("train", int(config.train.batch_size), int(config.seed), True, 0, 1)
+  batches = [next(loader) for _ in range(int(num_steps))]
+  mask = combiners.resolve_mask(model.shared_mask, params)
+  res = affinity_over_window(loss_fn, params, batches,
+                             float(lr if lr is not None else config.optimizer.learning_rate),
+                             shared_mask=mask, every=every)
+  names = [t.name for t in tasks]
+  groups = suggest_groups(res.mean, names, max_groups) if len(names) > 1 else {}
+  return names, res, groups
