@@ -41,7 +41,8 @@ def jacobian(seed, k, p, spread=0.0):
 def weigh(name, gram, losses=None, **hp):
   m = base.method(name, gram.shape[0], **hp)
   losses = jnp.ones(gram.shape[0]) if losses is None else losses
-  return m.weigh(jnp.asarray(gram, jnp.float32), jnp.asarray(losses, jnp.float32), m.init(None))
+  return jax.jit(m.weigh)(jnp.asarray(gram, jnp.float32), jnp.asarray(losses, jnp.float32),
+                          m.init(None))
 
 
 def test_registered():
@@ -311,7 +312,7 @@ def test_nash_mtl_update_norm_clip_and_state():
   g = jnp.asarray(j @ j.T, jnp.float32)
   m = base.method("nash_mtl", 4)
   s0 = m.init(None)
-  w, s1 = m.weigh(g, jnp.ones(4), s0)
+  w, s1 = jax.jit(m.weigh)(g, jnp.ones(4), s0)
   d = np.asarray(w, np.float64) @ j
   assert abs(np.linalg.norm(d) - 1.0) < 1e-3  # ||sum a g|| = sqrt(K) = 2, clipped to max_norm=1
   raw = np.asarray(s1.weights, np.float64) @ j
@@ -322,11 +323,12 @@ def test_nash_mtl_update_norm_clip_and_state():
   # update_weights_every=3 reuses the weights in between
   m3 = base.method("nash_mtl", 4, update_weights_every=3, max_norm=0.0)
   st_ = m3.init(None)
-  w_a, st_ = m3.weigh(g, jnp.ones(4), st_)
-  w_b, st_ = m3.weigh(g * 4.0, jnp.ones(4), st_)
+  m3_weigh = jax.jit(m3.weigh)
+  w_a, st_ = m3_weigh(g, jnp.ones(4), st_)
+  w_b, st_ = m3_weigh(g * 4.0, jnp.ones(4), st_)
   np.testing.assert_allclose(w_a, w_b)
-  w_c, st_ = m3.weigh(g * 4.0, jnp.ones(4), st_)
-  w_d, st_ = m3.weigh(g * 4.0, jnp.ones(4), st_)
+  w_c, st_ = m3_weigh(g * 4.0, jnp.ones(4), st_)
+  w_d, st_ = m3_weigh(g * 4.0, jnp.ones(4), st_)
   np.testing.assert_allclose(w_d, np.asarray(w_a) / 2.0, rtol=1e-3)  # a scales as 1/||g||
 
 
@@ -337,9 +339,10 @@ def test_nash_mtl_permutation_equivariant_and_degenerate():
   a, _ = solve(g)
   ap, _ = solve(g[perm][:, perm])
   np.testing.assert_allclose(ap, np.asarray(a)[perm], rtol=1e-3)
+  m = base.method("nash_mtl", 3)
+  m_weigh = jax.jit(m.weigh)
   for bad in (jnp.zeros((3, 3)), jnp.eye(3) * 1e-36, jnp.array([[1.0, 0.5, 0], [0.5, 2, 0], [0, 0, 0]])):
-    m = base.method("nash_mtl", 3)
-    w, s = jax.jit(m.weigh)(bad, jnp.ones(3), m.init(None))
+    w, s = m_weigh(bad, jnp.ones(3), m.init(None))
     assert np.all(np.isfinite(w)) and np.all(np.isfinite(s.alpha))
 
 
