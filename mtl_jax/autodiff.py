@@ -11,12 +11,22 @@ Modes (:func:`combine`):
 * ``jacobian``: the per-task gradients as ``jax.vmap`` of one VJP over the K one-hot cotangents
   (the fast Jacobian on XLA; ``lax.map`` over VJPs measured ~25x slower on CPU), the Gramian of its
   shared rows, the weights, and ``sum_k w_k g_k`` from the held Jacobian.
-* ``gramian``: the same vmapped VJPs, but each leaf's rows are contracted into the K x K Gramian
-  as soon as they exist, so XLA may free them; the update is then one more VJP with the weights
-  (one extra backward pass, no K x P Jacobian held to the end).
+* ``gramian``: the Gramian without the K x P Jacobian: the loss is linearised once, and for each
+  block of ``gramian_chunk`` tasks (default 1) the rows ``J_a`` (VJPs) are pushed forward again
+  (JVPs of the same linearisation) to give ``G[:, a] = J J_a^T``; only ``gramian_chunk`` rows ever
+  exist. The update is one more VJP with the weights. Memory ~ one backward pass plus
+  ``gramian_chunk`` gradients; arithmetic ~2x the vmapped Jacobian (one JVP per task on top of the
+  VJP). Measured in ``launch/benchmark.py`` (``docs/performance.md``): the ``jacobian`` mode is the
+  fast one, this the lean one.
 * ``features``: the Jacobian of the losses w.r.t. the shared representation ``z`` (K x B x D,
   the decoder's backward only), its Gramian, the weights, then one backward pass through the
   encoder with the weighted cotangent: about the cost of one backward pass.
+
+Weightings that solve only every n-th step (Nash-MTL's ``update_weights_every``) declare
+``Method.fresh``/``Method.reuse``: in the ``gramian`` and ``jacobian`` modes the engine then takes
+a ``lax.cond`` on ``fresh(state)``, and on the other steps computes no Jacobian at all (one
+backward pass of ``sum_k w_k L_k`` with the stored weights, the shared part's norm capped as the
+method asks); the returned ``gramian`` is zeros on those steps.
 
 Inside ``jax.shard_map`` pass ``axis_name``: with ``reduction='exact'`` (the default) every per-task
 quantity is averaged over devices *before* the combiner sees it, so the result is the global-batch
@@ -107,7 +117,8 @@ def combine(method: Method,
             mode: Optional[str] = None,
             shared_mask=None,
             axis_name: Optional[str] = None,
-            reduction: str = "exact") -> EngineOut:
+            reduction: str = "exact",
+            gramian_chunk: int = 1) -> EngineOut:
   """One combined gradient. See the module docstring for the modes and reductions.
 
   ``state`` is a :class:`CombinerState` (``method.transform().init(params)`` makes one; the optax
@@ -119,6 +130,8 @@ def combine(method: Method,
     raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
   if mode == "features" and not isinstance(loss_fn, SplitLoss):
     raise ValueError("engine mode 'features' needs a SplitLoss(encode, decode) loss function")
+  if int(gramian_chunk) < 1:
+    raise ValueError(f"gramian_chunk must be >= 1, got {gramian_chunk}")
   exact_axis = axis_name if reduction == "exact" else None
   mask = resolve_mask(shared_mask, params)
   k = method.num_tasks
@@ -126,7 +139,12 @@ def combine(method: Method,
   if mode == "features":
     out = _features(method, state, loss_fn, params, args, mask, exact_axis)
   else:
-    losses, vjp_fn, aux = jax.vjp(lambda p: loss_fn(p, *args), params, has_aux=True)
+    if mode == "gramian":  # linearise once: the JVPs and the VJPs share the forward residuals
+      losses, jvp_fn, aux = jax.linearize(lambda p: loss_fn(p, *args), params, has_aux=True)
+      vjp_fn = jax.linear_transpose(jvp_fn, params)
+    else:
+      losses, vjp_fn, aux = jax.vjp(lambda p: loss_fn(p, *args), params, has_aux=True)
+      jvp_fn = None
     if losses.shape != (k,):
       raise ValueError(f"the loss function returned losses of shape {losses.shape}, expected ({k},)")
     glosses = _pmean(losses, exact_axis)
@@ -136,39 +154,15 @@ def combine(method: Method,
       weights, ok = _guard(weights, ok)
       update = _weighted_vjp(method, vjp_fn, weights, mask)
       out = (update, glosses, weights, None, aux, new, ok)
-    elif mode == "gramian":
-      jac = _pmean(_rows(vjp_fn, losses), exact_axis)
-      gram = gramian_of(jac, mask)
-      ok = all_finite(glosses, gram)
-      weights, new = method.weigh(gram, glosses, state.method)
-      weights, ok = _guard(weights, ok)
-      if method.specific == "weighted":
-        update = vjp_fn(weights.astype(losses.dtype))[0]
-      else:  # shared leaves from one VJP with w, task-specific ones from their own rows
-        shared = vjp_fn(weights.astype(losses.dtype))[0]
-        ones = method.specific_weights(weights)
-        update = jax.tree.map(lambda u, j, m: u if m else weighted_sum(ones, j), shared, jac, mask)
-      out = (update, glosses, weights, gram, aux, new, ok)
-    else:  # jacobian
-      jac = _pmean(_rows(vjp_fn, losses), exact_axis)
-      if method.is_weighting:
-        gram = gramian_of(jac, mask)
-        ok = all_finite(glosses, gram)
-        weights, new = method.weigh(gram, glosses, state.method)
-        weights, ok = _guard(weights, ok)
-        update = combine_jacobian(method, weights, jac, mask)
-      else:
-        gram = gramian_of(jac, mask)  # for the statistics; cheap next to the Jacobian
-        shared_jac = jax.tree.map(lambda j, m: j if m else None, jac, mask)
-        ok = all_finite(glosses, shared_jac)
-        shared_upd, specific, new = method.aggregate(shared_jac, glosses, state.method)
-        ok = ok & all_finite(shared_upd, specific)
-        weights = jnp.where(ok, specific, 0.0)
-        update = jax.tree.map(
-            lambda j, m, u: u if m else weighted_sum(specific, j), jac, mask,
-            jax.tree.map(lambda u, m: u if m else 0.0, shared_upd, mask,
-                         is_leaf=lambda x: x is None))
-        update = jax.tree.map(lambda u: jnp.where(ok, u, 0.0), update)
+    else:
+      fresh = lambda: _fresh_step(method, mode, state, glosses, vjp_fn, jvp_fn, mask, exact_axis,
+                                  gramian_chunk) + (aux,)
+      if method.fresh is None:
+        out = fresh()
+      else:  # steps that reuse the weights take the one-backward path: no Jacobian at all
+        reuse = lambda: _reuse_step(method, state, glosses, vjp_fn, mask, exact_axis) + (aux,)
+        out = jax.lax.cond(method.fresh(state.method), fresh, reuse)
+      update, glosses, weights, gram, new, ok, aux = out
       out = (update, glosses, weights, gram, aux, new, ok)
 
   update, glosses, weights, gram, aux, new, ok = out
@@ -185,6 +179,79 @@ def combine(method: Method,
   new = keep_if(ok, new, state.method)
   skipped = state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32)
   return EngineOut(update, glosses, weights, gram, aux, CombinerState(new, skipped), ok)
+
+
+def _fresh_step(method, mode, state, glosses, vjp_fn, jvp_fn, mask, exact_axis, chunk):
+  """The Gramian (or Jacobian) path: ``(update, losses, weights, gram, new_state, ok)``."""
+  k = method.num_tasks
+  if mode == "gramian":
+    gram = _streamed_gramian(vjp_fn, jvp_fn, k, mask, exact_axis, int(chunk), glosses.dtype)
+    ok = all_finite(glosses, gram)
+    weights, new = method.weigh(gram, glosses, state.method)
+    weights, ok = _guard(weights, ok)
+    update = _weighted_vjp(method, vjp_fn, weights.astype(glosses.dtype), mask)
+    return update, glosses, weights, gram, new, ok
+  jac = _pmean(_rows(vjp_fn, glosses), exact_axis)
+  gram = gramian_of(jac, mask)
+  if method.is_weighting:
+    ok = all_finite(glosses, gram)
+    weights, new = method.weigh(gram, glosses, state.method)
+    weights, ok = _guard(weights, ok)
+    update = combine_jacobian(method, weights, jac, mask)
+    return update, glosses, weights, gram, new, ok
+  # an aggregator; the Gramian is for the statistics (cheap next to the Jacobian)
+  shared_jac = jax.tree.map(lambda j, m: j if m else None, jac, mask)
+  ok = all_finite(glosses, shared_jac)
+  shared_upd, specific, new = method.aggregate(shared_jac, glosses, state.method)
+  ok = ok & all_finite(shared_upd, specific)
+  weights = jnp.where(ok, specific, 0.0)
+  update = jax.tree.map(
+      lambda j, m, u: u if m else weighted_sum(specific, j), jac, mask,
+      jax.tree.map(lambda u, m: u if m else 0.0, shared_upd, mask, is_leaf=lambda x: x is None))
+  update = jax.tree.map(lambda u: jnp.where(ok, u, 0.0), update)
+  return update, glosses, weights, gram, new, ok
+
+
+def _streamed_gramian(vjp_fn, jvp_fn, k, mask, exact_axis, chunk, dtype):
+  """``G = J_s J_s^T`` over the shared leaves, ``chunk`` rows of ``J`` at a time.
+
+  For a block ``a`` of tasks, the rows ``J_a`` come from ``chunk`` VJPs; their shared part is then
+  pushed forward, ``J J_a^T = G[:, a]``, by ``chunk`` JVPs of the same linearisation. Only
+  ``chunk`` rows of the Jacobian ever exist (memory ~ ``chunk`` x params); the price is one JVP per
+  task on top of the VJPs (about 2x the vmapped Jacobian's arithmetic). Under ``exact_axis`` the
+  rows and the columns are device-averaged, so ``G`` is the Gramian of the global-batch Jacobian.
+  """
+  n = -(-k // chunk)
+  eye = jnp.eye(n * chunk, k, dtype=dtype).reshape(n, chunk, k)
+
+  def block(_, cot):
+    rows = _pmean(jax.vmap(lambda c: vjp_fn(c)[0])(cot), exact_axis)
+    rows = jax.tree.map(lambda r, m: r if m else jnp.zeros_like(r), rows, mask)
+    cols = _pmean(jax.vmap(jvp_fn)(rows), exact_axis)  # (chunk, K): <g_a^shared, g_l>
+    return None, cols
+
+  _, cols = jax.lax.scan(block, None, eye)
+  gram = cols.reshape(n * chunk, k)[:k].astype(jnp.float32)
+  return 0.5 * (gram + gram.T)
+
+
+def _reuse_step(method, state, glosses, vjp_fn, mask, exact_axis):
+  """A step between solves: the stored weights, one VJP, the shared part's norm capped."""
+  k = method.num_tasks
+  weights, new, max_norm = method.reuse(glosses, state.method)
+  weights = jnp.asarray(weights, jnp.float32)
+  update = _pmean(_weighted_vjp(method, vjp_fn, weights.astype(glosses.dtype), mask), exact_axis)
+  sq = sum(jnp.sum(jnp.square(u.astype(jnp.float32)))
+           for u, m in zip(jax.tree.leaves(update), jax.tree.leaves(mask)) if m)
+  cap = jnp.asarray(max_norm, jnp.float32)
+  scale = jnp.where(cap > 0, jnp.minimum(1.0, cap / jnp.maximum(jnp.sqrt(sq), 1e-30)), 1.0)
+  scale_specific = scale if method.specific == "weighted" else jnp.ones_like(scale)
+  update = jax.tree.map(lambda u, m: u * (scale if m else scale_specific).astype(u.dtype),
+                        update, mask)
+  weights = weights * scale
+  ok = all_finite(glosses, update, weights)
+  weights = jnp.where(ok, weights, 0.0)
+  return update, glosses, weights, jnp.zeros((k, k), jnp.float32), new, ok
 
 
 def _guard(weights, ok):

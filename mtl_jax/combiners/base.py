@@ -76,6 +76,15 @@ class Method:
       elsewhere; ``update`` has the same tree (``None`` at non-shared leaves).
     specific: ``'weighted'`` or ``'sum'``: how task-specific parameters combine their own task's
       gradient (see the module docstring).
+    fresh: optional, for weightings that re-use their weights between solves (Nash-MTL's
+      ``update_weights_every``): ``state -> bool array``, True when this step needs the Gramian.
+      Without it every step is fresh.
+    reuse: with ``fresh``: ``(losses, state) -> (weights, state, max_norm)`` for the steps where
+      ``fresh(state)`` is False: the stored weights, the advanced state, and a cap on the norm of
+      the shared update (a float or scalar array; ``<= 0``: no cap). The engine then computes no
+      Jacobian: one backward pass of ``sum_k w_k L_k``, scaled so the shared part's norm is at most
+      ``max_norm`` (the weights are scaled alike). ``weigh`` must give the same result on such a
+      step (the optax wrapper, which always has the gradients, calls ``weigh``).
   """
 
   name: str
@@ -85,6 +94,8 @@ class Method:
   weigh: Optional[Weigh] = None
   aggregate: Optional[Aggregate] = None
   specific: str = "weighted"
+  fresh: Optional[Callable[[Any], jax.Array]] = None
+  reuse: Optional[Callable[[jax.Array, Any], "tuple[jax.Array, Any, Any]"]] = None
 
   def __post_init__(self):
     if self.needs not in NEEDS:
@@ -95,6 +106,10 @@ class Method:
       raise ValueError(f"{self.name}: aggregate goes with needs='jacobian' and only with it")
     if self.specific not in ("weighted", "sum"):
       raise ValueError(f"{self.name}: specific must be 'weighted' or 'sum'")
+    if (self.fresh is None) != (self.reuse is None):
+      raise ValueError(f"{self.name}: give both fresh and reuse, or neither")
+    if self.fresh is not None and self.needs != GRAMIAN:
+      raise ValueError(f"{self.name}: fresh/reuse go with needs='gramian' only")
 
   @property
   def is_weighting(self) -> bool:

@@ -213,7 +213,18 @@ def nash_mtl(num_tasks: int,
       w = a * jnp.minimum(1.0, max_norm / jnp.maximum(norm, _TINY))
     return w, NashMTLState(alpha=b, weights=a, step=state.step + 1)
 
-  return Method("nash_mtl", num_tasks, GRAMIAN, init=init, weigh=weigh, specific="weighted")
+  def fresh(state):
+    return state.step % every == 0
+
+  def reuse(losses, state):
+    # A step between solves: the stored weights, clipped by the engine on the fresh gradients
+    # (as weigh does, and as the official code clips every step); no Gramian is computed.
+    del losses
+    return state.weights, state._replace(step=state.step + 1), max_norm
+
+  hooks = dict(fresh=fresh, reuse=reuse) if every > 1 else {}
+  return Method("nash_mtl", num_tasks, GRAMIAN, init=init, weigh=weigh, specific="weighted",
+                **hooks)
 
 
 def random_gramian(key: jax.Array, k: int) -> jax.Array:
