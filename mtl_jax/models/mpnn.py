@@ -43,8 +43,10 @@ be contiguous. Outputs for padding graphs are zero and must be masked out of los
 ``graph_mask``. All reductions are segment sums / maxima, so the output does not depend on the order
 of nodes or edges nor on the amount of padding (tested).
 
-Deviations from PyG / Nash-MTL: flax default initialisation (LeCun normal) instead of PyTorch's
-uniform fan-in defaults; NNConv's root term is ``Dense(use_bias=True)`` (PyG: a bias-free root
+Deviations from PyG / Nash-MTL: flax default initialisation (LeCun normal kernels, zero biases)
+instead of PyTorch's uniform fan-in defaults, except the Set2Set LSTM biases, which keep PyTorch's
+U(-1/sqrt(width), 1/sqrt(width)) (with zero biases the first processing step from the zero state is
+exactly zero); NNConv's root term is ``Dense(use_bias=True)`` (PyG: a bias-free root
 linear plus a separate bias, the same function); nodes without incoming edges receive a zero mean
 message (as PyG). PyG's QM9 example also turns each molecule into a complete graph
 (``T.Complete()``) and appends the distance (``T.Distance(norm=False)``): that is the data pipeline's
@@ -180,6 +182,12 @@ def segment_softmax(logits, segments, num_segments, mask):
   return ex / jnp.where(den > 0, den, 1.0)[segments]
 
 
+def _symmetric_uniform(bound: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
 class Set2Set(nn.Module):
   """Set2Set readout (Vinyals et al. 2016; PyG ``Set2Set``): ``[N, D]`` nodes -> ``[G, 2D]``."""
   processing_steps: int = 3
@@ -187,7 +195,9 @@ class Set2Set(nn.Module):
   @nn.compact
   def __call__(self, x, node_graph, node_mask, num_graphs: int):
     n, d = x.shape
-    lstm = nn.OptimizedLSTMCell(d, name="lstm")
+    # PyTorch's LSTM bias init, U(-1/sqrt(d), 1/sqrt(d)): with flax's zero biases the first step
+    # from the zero state would output exactly zero, wasting one processing step.
+    lstm = nn.OptimizedLSTMCell(d, bias_init=_symmetric_uniform(1.0 / np.sqrt(d)), name="lstm")
     carry = (jnp.zeros((num_graphs, d), x.dtype), jnp.zeros((num_graphs, d), x.dtype))
     q_star = jnp.zeros((num_graphs, 2 * d), x.dtype)
     seg = num_graphs + 1  # the last segment collects the padding nodes and is dropped
