@@ -157,3 +157,41 @@ def test_shard_map_exact_reduction_is_the_global_batch_method(tmp_path):
   # averaging is a different method.
   local = {(n, m): float(e) for n, m, r, e in rows if r == "local"}
   assert all(err > 1e-4 for err in local.values()), local
+
+
+@pytest.mark.parametrize("mode", ["gramian", "jacobian"])
+def test_reused_weights_skip_the_jacobian_and_match_the_transform(mode):
+  # Nash-MTL with update_weights_every=2: steps 1, 3 reuse the weights through Method.reuse (no
+  # Jacobian); the update must equal the optax transform's, which always has the gradients.
+  from mtl_jax import combiners
+  m = combiners.method("nash_mtl", K, update_weights_every=2, max_norm=0.5)
+  assert m.fresh is not None
+  params = _params()
+  tx = m.transform(_mask)
+  s_engine = s_optax = tx.init(params)
+  step = jax.jit(lambda s, x: autodiff.combine(m, s, _loss, params, x, mode=mode, shared_mask=_mask,
+                                               gramian_chunk=2))
+  for i in range(4):
+    x = _x(seed=10 + i)
+    out = step(s_engine, x)
+    losses, jac, _ = autodiff.task_jacobian(_loss, params, x)
+    want, s_optax = tx.update(jac, s_optax, params, task_losses=losses)
+    for a, b in zip(jax.tree.leaves(out.update), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    assert bool(jnp.any(out.gramian != 0)) == (i % 2 == 0)  # zeros on reuse steps
+    s_engine = out.state
+  assert int(s_engine.method.step) == 4
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_streamed_gramian_any_chunk_matches_the_jacobian(chunk):
+  params, x = _params(), _x()
+  m = _inv_norm("weighted")
+  state = m.transform(_mask).init(params)
+  g = autodiff.combine(m, state, _loss, params, x, mode="gramian", shared_mask=_mask,
+                       gramian_chunk=chunk).gramian
+  _, jac, _ = autodiff.task_jacobian(_loss, params, x)
+  np.testing.assert_allclose(g, jac["trunk"]["w"].reshape(K, -1) @ jac["trunk"]["w"].reshape(K, -1).T,
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="gramian_chunk"):
+    autodiff.combine(m, state, _loss, params, x, mode="gramian", gramian_chunk=0)
