@@ -31,6 +31,7 @@ def get_config(arg: str = ""):
   c.data.conflict = 0.5
   c.data.seed = 0
   c.data.multi_input = False
+  c.data.batch_norm = False
   c.optimizer.learning_rate = 3e-3
   c.train.batch_size = 32
   c.train.num_steps = 500

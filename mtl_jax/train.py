@@ -507,9 +507,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
     position = train_loader.position - (1 if batch is not None else 0)
     meta = {"position": int(position), "step": int(step), "best": best,
             "last_eval": int(last_eval)}
+    # Save a copy: the checkpoint is written in the background while the next step runs, and
+    # that step donates (overwrites in place) the state's buffers.
+    snapshot = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
     mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(logging_utils._plain(meta))),
-              force=force)
+        state=ocp.args.StandardSave(snapshot),
+        meta=ocp.args.JsonSave(logging_utils._plain(meta))), force=force)
 
   stop = _Stop()
   stop.install()

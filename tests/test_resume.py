@@ -12,10 +12,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "synthetic.py") + ":smoke"
-# Long enough to be interrupted, tiny per step; checkpoint every 4 steps, keep 2.
+# Long enough to be interrupted, tiny per step; checkpoint every 4 steps, keep 2; batch norm on
+# (its running statistics are part of the state that must resume exactly).
 FLAGS = ["--config.train.num_steps=60", "--config.train.checkpoint_every=4",
          "--config.train.keep_checkpoints=2", "--config.train.eval_every=20",
-         "--config.train.log_every=5", "--config.combiner.name=pcgrad"]
+         "--config.train.log_every=5", "--config.combiner.name=pcgrad",
+         "--config.data.batch_norm=True"]
 
 
 def _cmd(workdir):

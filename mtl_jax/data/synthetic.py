@@ -22,7 +22,7 @@ own examples.
 Config keys (``config.data``): ``num_regression`` (2), ``num_classification`` (2), ``dim`` (8),
 ``width`` (16, the MLP backbone width; ``config.model.width`` overrides), ``depth`` (2),
 ``num_train`` (256), ``num_eval`` (64), ``noise`` (0.1), ``label_noise`` (0.0), ``conflict`` (0.5),
-``seed`` (0), ``multi_input`` (False).
+``seed`` (0), ``multi_input`` (False), ``batch_norm`` (False: BatchNorm in every MLP stage).
 """
 
 from __future__ import annotations
@@ -41,18 +41,22 @@ from mtl_jax.models.base import Backbone
 from mtl_jax.tasks import Metric, Task
 
 DEFAULTS = dict(num_regression=2, num_classification=2, dim=8, width=16, depth=2, num_train=256,
-                num_eval=64, noise=0.1, label_noise=0.0, conflict=0.5, seed=0, multi_input=False)
+                num_eval=64, noise=0.1, label_noise=0.0, conflict=0.5, seed=0, multi_input=False,
+                batch_norm=False)
 
 
 class DenseStage(nn.Module):
-  """One MLP stage: Dense + ReLU (``__call__(x, train)`` as ``models.base`` requires)."""
+  """One MLP stage: Dense (+ BatchNorm) + ReLU (``__call__(x, train)`` as ``models.base`` requires)."""
 
   features: int
+  batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    del train
-    return nn.relu(nn.Dense(self.features)(x))
+    x = nn.Dense(self.features, use_bias=not self.batch_norm)(x)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.relu(x)
 
 
 class ScalarHead(nn.Module):
@@ -157,7 +161,8 @@ def get_benchmark(config) -> Benchmark:
   tasks = [make_task(n) for n in names]
   width = int(config.model.width) if config.model.get("width", 0) else opts["width"]
   backbone = Backbone(
-      "mlp", tuple((lambda: DenseStage(width)) for _ in range(opts["depth"])),
+      "mlp", tuple((lambda: DenseStage(width, bool(opts["batch_norm"])))
+                   for _ in range(opts["depth"])),
       widths=(width,) * opts["depth"],
       sample_input=lambda: np.zeros((2, opts["dim"]), np.float32))
   sizes = {"train": opts["num_train"], "validation": opts["num_eval"], "test": opts["num_eval"]}
