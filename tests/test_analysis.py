@@ -320,3 +320,20 @@ def test_tag_from_a_real_config():
   assert np.all(np.isfinite(res.mean))
   assert np.all(np.diag(res.mean) > 0)  # a task's own SGD step lowers its loss
   assert sorted(sum(groups[2].groups, [])) == ["left", "right"]
+
+
+def test_plots_write_png_and_reject_empty_input(tmp_path):
+  from mtl_jax.analysis import plots  # pylint: disable=g-import-not-at-top
+  z = np.array([[0.1, -0.05], [0.02, 0.2]])
+  path = plots.affinity_heatmap(z, ["a", "b"], str(tmp_path / "aff.png"))
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  path = plots.tradeoff_scatter({"ls": (1.0, 0.1, 2.0, 0.2)}, ["a", "b"], ["mae", "mae"],
+                                str(tmp_path / "t.png"), stl=(0.9, 1.8))
+  assert (tmp_path / "t.png").stat().st_size > 1000
+  with pytest.raises(ValueError, match="exactly 2 tasks"):
+    plots.tradeoff_scatter({}, ["a", "b", "c"], ["m"] * 3, str(tmp_path / "x.png"))
+  with pytest.raises(ValueError, match="no curve"):
+    plots.training_curves({}, {}, str(tmp_path / "y.png"))
+  with pytest.raises(ValueError, match="no run logged"):
+    plots.conflict_timeseries({}, str(tmp_path / "z.png"))

@@ -64,8 +64,8 @@ def directions(runs: Sequence[runs_lib.Run]) -> dict[str, dict[str, bool]]:
     given = r.summary.get("higher_is_better") or {}
     for t, ms in runs_lib.task_metrics([r]).items():
       for m in ms:
-        out.setdefault(t, {})[m] = bool(given.get(t, {}).get(m, metric_direction(m))) \
-            if t in given and m in given.get(t, {}) else metric_direction(m)
+        known = given.get(t, {}).get(m)
+        out.setdefault(t, {})[m] = bool(known) if known is not None else metric_direction(m)
   return out
 
 
@@ -316,6 +316,23 @@ def build_report(root: str, out: str, *, alpha: float = 0.05,
         c = _eval_curve(d["runs"], t, main[t])
         if c is not None:
           tc[name][t] = c
+    lc = {}
+    for name, d in rows_data.items():
+      lc[name] = {}
+      for t in mix:
+        per = [runs_lib.series(r.train, "losses", list(r.tasks).index(t)) for r in d["runs"]]
+        per = [p for p in per if len(p[0])]
+        if per:
+          n = min(len(p[0]) for p in per)
+          vals = np.stack([p[1][:n] for p in per])
+          lc[name][t] = (per[0][0][:n], vals.mean(0),
+                         vals.std(0, ddof=1) if len(per) > 1 else None)
+    if any(lc.values()):
+      image(plots.training_curves(lc, {t: "training loss" for t in mix},
+                                  os.path.join(out, "plots", f"loss_{tag}.png"),
+                                  title=f"Training loss per task ({mix_label}; mean over "
+                                  f"seeds, logged interval means)", log_y=True),
+            "training loss")
     if any(tc.values()):
       image(plots.training_curves(tc, {t: f"validation {main[t]}" for t in mix},
                                   os.path.join(out, "plots", f"curves_{tag}.png"),
