@@ -183,10 +183,11 @@ def main(argv):
     check_names(runs)
   except (ValueError, KeyError) as e:
     _fail(str(e).splitlines()[0])
+  python = _PYTHON.value
+  all_runs = runs
   if _ONLY.value:
     pat = re.compile(_ONLY.value)
     runs = [r for r in runs if pat.search(r.name)]
-  python = _PYTHON.value
   todo = [r for r in runs if not is_done(root, r)]
   print(f"sweep: {len(runs)} runs ({sum(r.kind == 'stl' for r in runs)} single-task), "
         f"{len(runs) - len(todo)} already done, {len(todo)} to run; workdir {root}", flush=True)
@@ -195,7 +196,7 @@ def main(argv):
       state = "done" if is_done(root, r) else "todo"
       print(f"[{state}] {r.name}: {shlex.join(r.command(root, sweep.base, python))}")
     return
-  write_manifest(root, sweep, runs, python)
+  write_manifest(root, sweep, all_runs, python)  # the whole sweep, whatever --only selects
   if _EMIT.value:
     with open(_EMIT.value, "w") as f:
       for r in todo:
