@@ -127,6 +127,7 @@ def test_overfitting_flags_early_peak_and_gap():
   assert b.peak_step == 60 and not b.early_peak and not b.overfit and not b.oscillating
   text = overfitting.describe("ls", [list(curves.values())])
   assert "early-peaking tasks: a;" in text and "overfitting: a;" in text
+  assert "gap per task (median; + = better on training data): a +0.8, b +0.02" in text
 
 
 def test_overfitting_oscillation_and_jitter():

@@ -168,10 +168,14 @@ def describe(method: str, curves_over_seeds: Sequence[Sequence[TaskCurve]],
 
   early, over, osc = flagged("early_peak"), flagged("overfit"), flagged("oscillating")
   peaks = ", ".join(f"{t} @ {np.median([c.peak_step for c in cs]):.0f}" for t, cs in flat.items())
+  gaps = {t: [c.gap_final for c in cs if c.gap_final is not None] for t, cs in flat.items()}
+  gap_txt = ", ".join(f"{t} {np.median(g):+.3g}" for t, g in gaps.items() if g)
+  gap_txt = (f" Final train/validation gap per task (median; + = better on training data): "
+             f"{gap_txt}." if gap_txt else "")
   th = thresholds
   return (f"**{method}** ({n} seed{'s' if n != 1 else ''}): early-peaking tasks: "
           f"{', '.join(early) or 'none'}; overfitting: {', '.join(over) or 'none'}; oscillating: "
-          f"{', '.join(osc) or 'none'}. Median best-validation step per task: {peaks}. "
+          f"{', '.join(osc) or 'none'}. Median best-validation step per task: {peaks}.{gap_txt} "
           f"(Early peak: best step in the first {th.early_frac:.0%} of the run and final value "
           f">{th.drop_tol_pct:g}% worse than the best; overfit: early peak and a train/validation "
           f"gap grown by >{th.gap_growth_pct:g}% of the best (when logged); oscillating: "
