@@ -39,8 +39,8 @@ def get_base(variant: str = ""):
   c.data.num_validation = 10_000
   c.data.num_test = 10_000
   c.data.limit = 0  # read only the first N molecules (0 = all 130,831)
-  c.data.train_limit = 0  # train on the first N of the (shuffled) training split (0 = all)
-  c.data.eval_limit = 0  # evaluate on the first N of validation / test (0 = all)
+  c.data.train_limit = 0  # train on a seeded random N of the training split (0 = all)
+  c.data.eval_limit = 0  # evaluate on a seeded random N of validation / test (0 = all)
   c.data.cache_dir = ""  # "" = ~/.cache/mtl_jax/qm9 (or <data_dir>/qm9_cache)
   c.data.mock_size = 256  # fabricated molecules when data.mock
   c.model.backbone = ""  # "" = the benchmark default, the MPNN of mtl_jax.models.mpnn

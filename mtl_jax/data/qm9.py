@@ -109,21 +109,32 @@ def fabricate(num_molecules: int = 256, seed: int = 0) -> dict[str, np.ndarray]:
       targets=rng.standard_normal((num_molecules, len(TARGETS))) * scale)
 
 
-def split_indices(num: int, seed: int, num_validation: int = 10_000,
-                  num_test: int = 10_000) -> dict[str, np.ndarray]:
+def split_indices(num: int, seed: int, num_validation: int = 10_000, num_test: int = 10_000,
+                  train_limit: int = 0, eval_limit: int = 0) -> dict[str, np.ndarray]:
   """The official code's split: permutation, then test, validation, and the rest for training.
 
   When the data are smaller than ``num_validation + num_test`` (a slice, mock data) both shrink to
   ``num // 12`` (the protocol's 7.6% each), at least one molecule.
+
+  ``train_limit`` / ``eval_limit`` (0 = all) keep the first N of each split *in permutation order*
+  (as slicing the official code's shuffled dataset would), i.e. a uniformly random subset. They must
+  not keep the N smallest indices: QM9 is ordered by molecule size (GDB-9 enumerates molecules by
+  number of heavy atoms), so the first indices are the smallest molecules, whose size-dependent
+  targets (U0, U, H, G, alpha, Cv, r2, zpve) lie far from the training distribution. Each split is
+  returned sorted (contiguous reads of the cache).
   """
   if num_validation + num_test >= num:
     num_validation = num_test = max(1, num // 12)
   if num_validation + num_test >= num:
     raise ValueError(f"QM9: {num} molecules are too few for train/validation/test splits")
+  if min(train_limit, eval_limit) < 0:
+    raise ValueError(f"QM9: train_limit / eval_limit must be >= 0 (0 = all); got "
+                     f"{train_limit}, {eval_limit}")
   perm = np.random.default_rng(seed).permutation(num)
-  return {"test": np.sort(perm[:num_test]),
-          "validation": np.sort(perm[num_test:num_test + num_validation]),
-          "train": np.sort(perm[num_test + num_validation:])}
+  parts = {"test": perm[:num_test], "validation": perm[num_test:num_test + num_validation],
+           "train": perm[num_test + num_validation:]}
+  limits = {"test": eval_limit, "validation": eval_limit, "train": train_limit}
+  return {k: np.sort(v[:limits[k]] if limits[k] else v) for k, v in parts.items()}
 
 
 def _capacity(sizes: np.ndarray, per_batch: int) -> int:
@@ -263,13 +274,8 @@ def get_benchmark(config) -> Benchmark:
   feature_set = str(d.get("feature_set", "pyg") or "pyg")
   store = GraphStore(cache, feature_set, str(d.get("graph", "complete") or "complete"))
   splits = split_indices(len(cache["index"]), int(d.get("split_seed", 0)),
-                         int(d.get("num_validation", 10_000)), int(d.get("num_test", 10_000)))
-  train_limit, eval_limit = int(d.get("train_limit", 0) or 0), int(d.get("eval_limit", 0) or 0)
-  if train_limit:
-    splits["train"] = splits["train"][:train_limit]
-  if eval_limit:
-    splits["validation"] = splits["validation"][:eval_limit]
-    splits["test"] = splits["test"][:eval_limit]
+                         int(d.get("num_validation", 10_000)), int(d.get("num_test", 10_000)),
+                         int(d.get("train_limit", 0) or 0), int(d.get("eval_limit", 0) or 0))
   y = np.asarray(cache["targets"], np.float64)[:, cols]
   mean = y[splits["train"]].mean(0)
   std = y[splits["train"]].std(0, ddof=1) if len(splits["train"]) > 1 else np.ones(len(cols))

@@ -132,21 +132,45 @@ def _check_graph(g):
 
 
 class NNConv(nn.Module):
-  """Edge-conditioned convolution (Gilmer et al. 2017; PyG ``NNConv(aggr='mean')``)."""
+  """Edge-conditioned convolution (Gilmer et al. 2017; PyG ``NNConv(aggr='mean')``).
+
+  ``out_i = x_i W_root + b + mean_{j -> i} x_j Theta(e_ji)`` with the edge network
+  ``Theta(e) = Linear(128 -> d * features)(ReLU(Linear(F_edge -> 128)(e)))`` reshaped to
+  ``[d, features]``. The per-edge matrices depend on the edges only, so a caller applying the same
+  convolution several times (the MPNN's message passes) computes them once with
+  :meth:`edge_weights` and passes them as ``theta``: the forward pass builds the ``[E, d, features]``
+  tensor once and the backward pass pushes the summed cotangent through the edge network once,
+  instead of once per pass (the edge network's backward dominates the cost of per-task gradients).
+  """
   features: int
   edge_hidden: int = 128
+  in_features: int = 0  # width d of the incoming node states (0: the same as ``features``)
 
-  @nn.compact
-  def __call__(self, x, g):
+  def setup(self):
+    d = self.in_features or self.features
+    self.edge_fc1 = nn.Dense(self.edge_hidden)
+    self.edge_fc2 = nn.Dense(d * self.features)
+    self.root = nn.Dense(self.features)
+
+  def edge_weights(self, edges):
+    """``Theta(e)`` for every edge: ``[E, F_edge] -> [E, d, features]``."""
+    d = self.in_features or self.features
+    hidden = nn.relu(self.edge_fc1(jnp.asarray(edges, jnp.float32)))
+    return self.edge_fc2(hidden).reshape(-1, d, self.features)
+
+  def __call__(self, x, g, theta=None):
     n, d = x.shape
-    theta = nn.relu(nn.Dense(self.edge_hidden, name="edge_fc1")(g["edges"]))
-    theta = nn.Dense(d * self.features, name="edge_fc2")(theta).reshape(-1, d, self.features)
+    if d != (self.in_features or self.features):
+      raise ValueError(f"NNConv: node states of width {d}, expected in_features="
+                       f"{self.in_features or self.features}")
+    if theta is None:
+      theta = self.edge_weights(g["edges"])
     emask = g["edge_mask"].astype(x.dtype)
     msg = jnp.einsum("ed,edf->ef", x[g["senders"]], theta) * emask[:, None]
     total = jax.ops.segment_sum(msg, g["receivers"], num_segments=n)
     count = jax.ops.segment_sum(emask, g["receivers"], num_segments=n)
     mean = total / jnp.maximum(count, 1.0)[:, None]
-    return mean + nn.Dense(self.features, name="root")(x)
+    return mean + self.root(x)
 
 
 class MPNNEncoder(nn.Module):
@@ -163,9 +187,10 @@ class MPNNEncoder(nn.Module):
     x = nn.relu(nn.Dense(self.width, name="embed")(jnp.asarray(g["nodes"], jnp.float32))) * nmask
     conv = NNConv(self.width, self.edge_hidden, name="conv")
     gru = nn.GRUCell(self.width, name="gru")
+    theta = conv.edge_weights(g["edges"])  # once for all passes (the passes share the weights)
     h = x
     for _ in range(self.num_passes):
-      m = nn.relu(conv(x, g))
+      m = nn.relu(conv(x, g, theta))
       h, _ = gru(h, m)
       h = h * nmask  # padding nodes stay at zero
       x = h
