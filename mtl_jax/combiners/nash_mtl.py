@@ -34,7 +34,9 @@ this 2-core CPU (``nash_solve_timing``): K=40, cold start, ~0.4 ms (jaxopt) / ~0
 relative KKT residual ``||G a - 1/a|| / ||1/a||`` ~2e-6 (official cvxpy: ~240 ms).
 
 Hyper-parameters (official names and defaults): ``update_weights_every=1`` (re-solve every n-th
-step, reuse the previous weights in between), ``optim_niter=20``, ``max_norm=1.0`` (``<= 0``
+step, reuse the previous weights in between; with n > 1 the method declares ``Method.fresh`` /
+``Method.reuse``, so the engine's ``gramian``/``jacobian`` modes compute no Jacobian on the steps in
+between: one backward pass with the stored weights, the shared update clipped to ``max_norm``), ``optim_niter=20``, ``max_norm=1.0`` (``<= 0``
 disables clipping). Extra: ``solver``, ``eps`` (see deviations).
 
 Task-specific parameters: ``specific='weighted'`` (the official code back-propagates
