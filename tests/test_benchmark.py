@@ -1,0 +1,103 @@
+"""Smoke run of the step benchmark (launch/benchmark.py) at tiny sizes: schema and rows, no timing."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax import bench_utils as bu
+from mtl_jax import combiners
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMBINERS = ("ls", "famo", "nash_mtl", "mgda", "pcgrad", "graddrop")
+
+
+def _launcher():
+  spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "launch",
+                                                                          "benchmark.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "bench.json"
+  mod = _launcher()
+  # No subcommand: the step benchmark is the default.
+  mod.main([f"--out={out}", "--image_size=8", "--batch=4", "--num_tasks=3", "--width_mult=0.0625",
+            "--repeats=1", f"--combiners={','.join(COMBINERS)}", "--devices=1", "--step_ks=2",
+            "--nash_ks=2,3", "--nash_repeats=2", "--update_weights_every=2",
+            "--compile_threads=1"])
+  with open(out) as f:
+    return json.load(f)
+
+
+def test_every_row_present_with_the_schema(report):
+  modes = {c: bench_modes(c) for c in COMBINERS}
+  got = {(r["combiner"], r["mode"]) for r in report["rows"]}
+  want = {(c, m) for c, ms in modes.items() for m in ms}
+  assert got == want
+  assert len(report["rows"]) == len(want)  # one row each
+  for r in report["rows"]:
+    for key in ("step_s", "ratio_to_ls", "ratio_to_jacobian", "peak_mem_mb"):
+      assert np.isfinite(r[key]) and r[key] > 0, (r["combiner"], r["mode"], key)
+    assert r["ratio_to_ls"] == pytest.approx(r["step_s"] / report["references"]["ls_s"])
+    assert r["ratio_to_jacobian"] == pytest.approx(r["step_s"] / report["references"]["jacobian_s"])
+    mem = r["memory_mb"]
+    assert r["peak_mem_mb"] == pytest.approx(mem["temp"] + mem["argument"] + mem["output"])
+
+
+def bench_modes(name):
+  m = combiners.method(name, 3)
+  return {"losses": ("losses", "features"), "gramian": ("jacobian", "gramian", "features"),
+          "jacobian": ("jacobian",)}[m.needs]
+
+
+def test_nash_solve_scaling_and_checks(report):
+  assert set(report["nash_solve_ms"]) == {"2", "3"}
+  assert all(v > 0 for v in report["nash_solve_ms"].values())
+  assert all(v["kkt_residual"] <= 1e-3 for v in report["nash_solve"].values())
+  assert set(report["scaling_k"]) == {"2", "3"}
+  assert set(report["scaling_devices"]) == {"1"}
+  assert set(report["nash_update_weights_every"]) == {"gramian", "jacobian"}
+  names = [c["name"] for c in report["checks"]]
+  assert any("plain flax" in n for n in names)
+  assert any("gramian-mode peak memory" in n for n in names)
+  assert sum("features-mode" in n for n in names) == sum(
+      r["mode"] == "features" for r in report["rows"])
+  for c in report["checks"]:
+    assert c["ok"] == (c["value"] <= c["bound"])
+
+
+def test_bad_combiner_is_a_clear_error():
+  with pytest.raises(ValueError, match="valid:"):
+    _launcher().main(["--combiners=nash", "--devices=1"])
+
+
+def test_switch_method_runs_only_the_selected_weighting():
+  k = 3
+  methods = [combiners.method(n, k) for n in ("mgda", "nash_mtl", "imtl")]
+  sw = bu.switch_method(methods)
+  a = jax.random.normal(jax.random.PRNGKey(0), (k, 5))
+  gram, losses = a @ a.T, jnp.arange(1.0, k + 1)
+  state = sw.init({"x": jnp.zeros(())})
+  for i, m in enumerate(methods):
+    w, new = jax.jit(sw.weigh)(gram, losses, state._replace(index=jnp.asarray(i)))
+    want, _ = m.weigh(gram, losses, m.init({"x": jnp.zeros(())}))
+    np.testing.assert_allclose(w, want, rtol=1e-5, atol=1e-6)
+    # only the selected method's state moved
+    for j, (s_new, s_old) in enumerate(zip(new.states, state.states)):
+      same = all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(s_new),
+                                                        jax.tree.leaves(s_old)))
+      if j != i:
+        assert same
+
+
+def test_switch_method_rejects_mixed_groups():
+  with pytest.raises(ValueError, match="one 'needs'"):
+    bu.switch_method([combiners.method("ls", 2), combiners.method("mgda", 2)])
