@@ -12,9 +12,9 @@ each device:
    Jacobian / Gramian / feature Gramian) over devices *before* the combiner, so the update is the
    global-batch method; ``local`` combines per device and averages the updates (cheaper; an
    approximation except for ``ls``);
-3. the batch-norm running statistics ``pmean``-ed over devices (the normalisation inside each
-   forward pass uses the shard's batch statistics, as in a data-parallel PyTorch run without
-   SyncBatchNorm; models without batch norm give the same result on 1 and N devices);
+3. synchronised batch norm: every :func:`mtl_jax.models.base.batch_norm` layer averages its
+   batch statistics over the devices (``models.base.sync_batch_norm``), so a step on N devices
+   normalises with the global batch's statistics and gives the result of one device;
 4. the gradient of the sharing strategy's regulariser (soft sharing) added to the combined gradient;
 5. the optax optimizer. A step whose losses or gradients are not finite changes nothing but
    ``step`` and the combiner's skip counter (params, optimizer and batch-norm state are kept).
@@ -55,6 +55,7 @@ from mtl_jax import combiners
 from mtl_jax import config_utils
 from mtl_jax import evaluation
 from mtl_jax import logging_utils
+from mtl_jax.models.base import sync_batch_norm
 
 AXIS = "data"
 PyTree = Any
@@ -261,7 +262,11 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
     new = TrainState(params, new_bs, opt_state, out.state, state.step + 1, state.rng)
     return new, metrics
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+  def per_device_sync_bn(state: TrainState, batch):
+    with sync_batch_norm(AXIS):  # batch statistics of the global batch (SyncBatchNorm)
+      return per_device(state, batch)
+
+  sharded = jax.shard_map(per_device_sync_bn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
                           check_vma=False)
   return jax.jit(sharded, donate_argnums=(0,))
 

@@ -44,13 +44,15 @@ SPMD_SCRIPT = textwrap.dedent("""
   from configs import synthetic
   from mtl_jax import train
 
-  def params(name, devices, reduction="exact", mode=""):
+  def params(name, devices, reduction="exact", mode="", bn=False):
     c = synthetic.get_config("smoke")
     c.combiner.name = name
+    c.data.batch_norm = bn
     c.engine.reduction = reduction
     c.engine.mode = mode
     state, hist = train.run_steps(c, 3, devices=devices)
-    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
+    leaves = jax.tree.leaves(jax.device_get((state.params, state.batch_stats)))
+    return np.concatenate([np.ravel(x) for x in leaves])
 
   assert jax.device_count() == 4, jax.devices()
   one, four = jax.devices()[:1], jax.devices()
@@ -59,6 +61,10 @@ SPMD_SCRIPT = textwrap.dedent("""
     a, b, c = params(name, one), params(name, four, "exact"), params(name, four, "local")
     out[f"{name}/1v4"] = float(np.max(np.abs(a - b)))
     out[f"{name}/exact_v_local"] = float(np.max(np.abs(b - c)))
+  # Synchronised batch norm: the global batch's statistics on every device, so 4 devices give
+  # the parameters and running statistics of 1.
+  out["pcgrad_bn/1v4"] = float(np.max(np.abs(params("pcgrad", one, bn=True) -
+                                             params("pcgrad", four, bn=True))))
   print("RESULT" + json.dumps(out))
 """)
 
@@ -72,7 +78,7 @@ def spmd_results():
   return json.loads(line[len("RESULT"):])
 
 
-@pytest.mark.parametrize("key", ["ls/1v4", "pcgrad/1v4"])
+@pytest.mark.parametrize("key", ["ls/1v4", "pcgrad/1v4", "pcgrad_bn/1v4"])
 def test_same_params_on_1_and_4_devices(spmd_results, key):
   assert spmd_results[key] < 1e-5, spmd_results
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+
+from mtl_jax.models.base import batch_norm as base_batch_norm
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,7 +57,7 @@ class DenseStage(nn.Module):
   def __call__(self, x, train: bool = False):
     x = nn.Dense(self.features, use_bias=not self.batch_norm)(x)
     if self.batch_norm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+      x = base_batch_norm(train, momentum=0.9)(x)
     return nn.relu(x)
 
 

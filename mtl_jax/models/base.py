@@ -9,6 +9,8 @@ stage; hard sharing simply chains them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any, Callable
 
@@ -23,3 +25,29 @@ class Backbone:
   widths: tuple[int, ...] = ()
   # A sample input (numpy pytree, batch of 2) for init and parameter counts.
   sample_input: Callable[[], Any] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch norm, synchronised across devices inside the trainer's SPMD step.
+
+_BN_AXIS: contextvars.ContextVar = contextvars.ContextVar("mtl_jax_batch_norm_axis", default=None)
+
+
+@contextlib.contextmanager
+def sync_batch_norm(axis_name):
+  """Within this context, :func:`batch_norm` layers built in train mode average their batch
+  statistics over ``axis_name`` (``jax.lax.pmean``), so N devices normalise with the statistics
+  of the global batch, as one device would (SyncBatchNorm). The trainer enters it while tracing
+  the per-device step; evaluation (running averages) is unaffected."""
+  token = _BN_AXIS.set(axis_name)
+  try:
+    yield
+  finally:
+    _BN_AXIS.reset(token)
+
+
+def batch_norm(train: bool, **kwargs) -> nn.BatchNorm:
+  """``nn.BatchNorm`` for every model of the library (``use_running_average=not train``), with the
+  cross-device axis of :func:`sync_batch_norm` when one is active."""
+  return nn.BatchNorm(use_running_average=not train, axis_name=_BN_AXIS.get() if train else None,
+                      **kwargs)

@@ -21,6 +21,8 @@ import functools
 from typing import Sequence
 
 import flax.linen as nn
+
+from mtl_jax.models.base import batch_norm as base_batch_norm
 import jax.numpy as jnp
 import numpy as np
 
@@ -40,7 +42,7 @@ class ConvBlock(nn.Module):
   def __call__(self, x, train: bool = False):
     for f in self.features:
       x = nn.Conv(f, (3, 3), padding="SAME", use_bias=False)(x)
-      x = nn.BatchNorm(use_running_average=not train, **_BN)(x)
+      x = base_batch_norm(train, **_BN)(x)
       x = nn.relu(x)
     if self.pool == "max":
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -58,7 +60,7 @@ class DenseBlock(nn.Module):
   def __call__(self, x, train: bool = False):
     for f in self.features:
       x = nn.Dense(f)(x)
-      x = nn.BatchNorm(use_running_average=not train, **_BN)(x)
+      x = base_batch_norm(train, **_BN)(x)
       x = nn.relu(x)
     return x
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+
+from mtl_jax.models.base import batch_norm as base_batch_norm
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,7 +39,7 @@ from mtl_jax.models.registry import register
 
 
 def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  return base_batch_norm(train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 class Bottleneck(nn.Module):

@@ -6,6 +6,8 @@ import functools
 from typing import Sequence
 
 import flax.linen as nn
+
+from mtl_jax.models.base import batch_norm as base_batch_norm
 import numpy as np
 
 from mtl_jax.models.base import Backbone
@@ -29,7 +31,7 @@ class DenseStage(nn.Module):
       x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.features, use_bias=not self.batch_norm)(x)
     if self.batch_norm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+      x = base_batch_norm(train, momentum=0.9)(x)
     return ACTIVATIONS[self.activation](x)
 
 

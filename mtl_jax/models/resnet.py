@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+
+from mtl_jax.models.base import batch_norm as base_batch_norm
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,8 +31,7 @@ from mtl_jax.models.registry import register
 
 def batch_norm(train: bool, name: str | None = None, scale_init=nn.initializers.ones) -> nn.BatchNorm:
   """Batch norm with PyTorch's defaults (momentum 0.1 there = 0.9 here, eps 1e-5)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name,
-                      scale_init=scale_init)
+  return base_batch_norm(train, momentum=0.9, epsilon=1e-5, name=name, scale_init=scale_init)
 
 
 class BasicBlock(nn.Module):

@@ -34,6 +34,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import flax.linen as nn
+
+from mtl_jax.models.base import batch_norm as base_batch_norm
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +77,7 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Conv(self.features, (3, 3), padding=1, kernel_init=nn.initializers.xavier_normal())(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+    x = base_batch_norm(train, momentum=0.9, epsilon=1e-5)(x)
     return nn.relu(x)
 
 

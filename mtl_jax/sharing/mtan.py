@@ -25,6 +25,8 @@ attention modules and heads; all trunk stages are shared, attention modules and 
 from __future__ import annotations
 
 import flax.linen as nn
+
+from mtl_jax.models.base import batch_norm as base_batch_norm
 import jax
 import jax.numpy as jnp
 
@@ -40,9 +42,9 @@ class _Attention(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Dense(self.features, use_bias=True)(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, **_BN)(x))
+    x = nn.relu(base_batch_norm(train, **_BN)(x))
     x = nn.Dense(self.features, use_bias=True)(x)
-    return nn.sigmoid(nn.BatchNorm(use_running_average=not train, **_BN)(x))
+    return nn.sigmoid(base_batch_norm(train, **_BN)(x))
 
 
 class _Shared2Next(nn.Module):
@@ -54,7 +56,7 @@ class _Shared2Next(nn.Module):
       x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=True)(x)
     else:
       x = nn.Dense(self.features)(x)
-    return nn.relu(nn.BatchNorm(use_running_average=not train, **_BN)(x))
+    return nn.relu(base_batch_norm(train, **_BN)(x))
 
 
 def match_resolution(x, like):
