@@ -174,7 +174,10 @@ def combine(method: Method,
     ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
   elif axis_name is not None and mode != "jacobian":  # the Jacobian was averaged already
     update = jax.lax.pmean(update, axis_name)
-  # A VJP with zero weights still carries NaN from a non-finite forward pass: zero it explicitly.
+  # A gradient can be non-finite where the losses are finite (an overflow in the backward pass,
+  # which the losses-only modes see nowhere else); and a VJP with zero weights still carries NaN
+  # from a non-finite forward pass: check the update, then zero it explicitly.
+  ok = ok & all_finite(update)
   update = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), update)
   new = keep_if(ok, new, state.method)
   skipped = state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32)

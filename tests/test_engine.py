@@ -195,3 +195,17 @@ def test_streamed_gramian_any_chunk_matches_the_jacobian(chunk):
                              rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="gramian_chunk"):
     autodiff.combine(m, state, _loss, params, x, mode="gramian", gramian_chunk=0)
+
+
+def test_nonfinite_gradient_with_finite_losses_is_skipped_in_losses_mode():
+  m = _loss_weighting()
+  params, x = _params(), _x()
+
+  def loss(p, x):  # finite value, infinite gradient at 0 (sqrt'(0))
+    losses, _ = _loss(p, x)
+    return losses + jnp.sqrt(jnp.abs(p["trunk"]["w"][0, 0] * 0.0)), None
+
+  out = autodiff.combine(m, m.transform().init(params), loss, params, x)
+  assert bool(jnp.all(jnp.isfinite(out.losses)))
+  assert not bool(out.finite) and int(out.state.skipped) == 1
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(out.update))
