@@ -17,8 +17,9 @@ level's output in PLE), as LibMTL does for images. The authors released no code;
 experts are hyper-parameters without an official default (LibMTL requires them): ours are
 ``num_experts=4`` (MMoE) and one shared plus one specific expert (CGC, PLE).
 
-Shared: the shared experts and PLE's shared gates; task-specific: specific experts, task gates
-and heads.
+Shared: the shared experts, PLE's shared gates and the specific experts below PLE's last level
+(they feed the shared gate, hence every task); task-specific: the last level's specific experts,
+task gates and heads.
 """
 
 from __future__ import annotations
@@ -139,8 +140,10 @@ def _ple_model(name, backbone, tasks, num_shared, num_specific, levels):
                      f"(got {es} shared, {ek} specific)")
   names = tuple(t.name for t in tasks)
   module = PLEModel(Defs(stage_defs(backbone)), Defs(head_defs(tasks)), names, es, ek, levels)
-  return MultiTaskModel(name, module, names,
-                        lambda p: path_mask(p, ("shared_expert_", "shared_gate_")),
+  # A specific expert below the last level feeds the shared gate, hence every task: shared.
+  shared = ("shared_expert_", "shared_gate_") + tuple(
+      f"specific_l{lvl}_" for lvl in range(len(levels) - 1))
+  return MultiTaskModel(name, module, names, lambda p: path_mask(p, shared),
                         options={"num_shared_experts": es, "num_specific_experts": ek},
                         sample_input=backbone.sample_input)
 
