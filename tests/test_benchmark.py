@@ -13,7 +13,7 @@ from mtl_jax import bench_utils as bu
 from mtl_jax import combiners
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMBINERS = ("ls", "famo", "nash_mtl", "mgda", "pcgrad", "graddrop")
+COMBINERS = ("ls", "nash_mtl", "graddrop")  # one of each program kind: own, switch, aggregator
 
 
 def _launcher():
