@@ -1,8 +1,10 @@
 """Training: the TrainState, one jitted SPMD step, evaluation, checkpoints and the run loop.
 
 The step (:func:`make_train_step`) is a single ``jax.jit`` of a ``jax.shard_map`` over a 1-D
-``data`` mesh of every device (``jax.make_mesh``); batches are sharded on their leading axis. On
-each device:
+``data`` mesh of every device (``jax.make_mesh``); batches are sharded on their leading axis
+(a benchmark whose batches cannot be cut there, QM9's flat padded graph batches, sets
+``per_device_batches``: its training loader stacks one self-contained sub-batch per local device on
+a new leading axis, and each device drops that axis of its slice). On each device:
 
 1. the K task losses of its shard (single-input batch: one forward pass, all heads; multi-input
    batch ``{task: batch}``: task k's loss on its own batch, batch-norm state threaded through the
@@ -212,12 +214,15 @@ def _global_norm(tree) -> jax.Array:
 
 def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTransformation,
                     mesh, *, mode: str, reduction: str = "exact", multi_input: bool = False,
-                    shared_mask=None, constants=None):
+                    shared_mask=None, constants=None, per_device_batches: bool = False):
   """``step(state, batch) -> (state, metrics)``: jitted, SPMD over ``mesh``, state donated.
 
   ``model`` is a :class:`mtl_jax.sharing.MultiTaskModel`; ``shared_mask`` the tree of bools over
   the params; ``constants`` the model's non-trainable collections other than batch statistics
-  (e.g. sparse-sharing masks), closed over as constants.
+  (e.g. sparse-sharing masks), closed over as constants. ``per_device_batches``: every batch leaf
+  has a leading device axis of the mesh's size (one self-contained sub-batch per device, as
+  :attr:`mtl_jax.data.base.Benchmark.per_device_batches` loaders make for graph batches); each
+  device drops that axis of its slice.
   """
   constants = dict(constants or {})
   if mode == "features":
@@ -235,6 +240,8 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
     loss_fn = make_loss_fn(model, tasks, multi_input, constants)
 
   def per_device(state: TrainState, batch):
+    if per_device_batches:
+      batch = _drop_device_axis(batch)
     rng = jax.random.wrap_key_data(state.rng)
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
     out = autodiff.combine(method, state.combiner_state, loss_fn, state.params, state.batch_stats,
@@ -271,8 +278,36 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
   return jax.jit(sharded, donate_argnums=(0,))
 
 
+def _drop_device_axis(batch):
+  """Inside the shard: ``[1, ...]`` (this device's slice of a per-device stack) -> ``[...]``."""
+  def squeeze(x):
+    if x.ndim == 0 or x.shape[0] != 1:
+      raise ValueError(f"per-device batches need a leading device axis (one sub-batch per device); "
+                       f"a device got a slice of shape {x.shape}")
+    return x[0]
+  return jax.tree.map(squeeze, batch)
+
+
+def local_num_devices(mesh) -> int:
+  """The number of ``mesh`` devices this process feeds (its slice of every global batch)."""
+  return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def make_train_loader(bench, config, mesh):
+  """The shuffled training loader of this process; for a ``per_device_batches`` benchmark it
+  yields one sub-batch per local device of ``mesh`` (stacked on a leading axis)."""
+  args = ("train", int(config.train.batch_size), int(config.seed), True, jax.process_index(),
+          jax.process_count())
+  if bench.per_device_batches:
+    return bench.loader(*args, num_shards=local_num_devices(mesh))
+  return bench.loader(*args)
+
+
 def shard_batch(batch, mesh):
-  """A host batch (this process's slice) -> global arrays sharded on the leading axis."""
+  """A host batch (this process's slice) -> global arrays sharded on the leading axis.
+
+  For a per-device stack (``[D_local, ...]`` leaves) the leading axis is the device axis: each
+  device gets exactly its own sub-batch."""
   sharding = NamedSharding(mesh, P(AXIS))
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       batch)
@@ -388,17 +423,18 @@ def build(config):
 
 def run_steps(config, num_steps: int, devices=None, batches=None):
   """Train ``num_steps`` steps from the initial state without the loop's outputs (no checkpoint,
-  no logging); returns ``(state, [metrics per step])``. For tests and notebooks."""
+  no logging); returns ``(state, [metrics per step])``. For tests and notebooks. ``batches``
+  replace the loader's; for a ``per_device_batches`` benchmark they must be per-device stacks."""
   bench, model, method, mode = build(config)
   mesh = make_mesh(devices)
-  loader = bench.loader("train", int(config.train.batch_size), int(config.seed), True,
-                        jax.process_index(), jax.process_count())
+  loader = make_train_loader(bench, config, mesh)
   tx = make_optimizer(config, max(int(config.train.num_steps), num_steps))
   state, constants = init_state(config, model, bench, method, tx, mesh)
   mask = combiners.resolve_mask(model.shared_mask, jax.device_get(state.params))
   step_fn = make_train_step(model, list(bench.tasks), method, tx, mesh, mode=mode,
                             reduction=config.engine.reduction, multi_input=bench.multi_input,
-                            shared_mask=mask, constants=constants)
+                            shared_mask=mask, constants=constants,
+                            per_device_batches=bench.per_device_batches)
   history = []
   for i in range(num_steps):
     batch = batches[i] if batches is not None else next(loader)
@@ -424,7 +460,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
   if bsz % ndev:
     raise config_utils.ConfigError(
         f"config.train.batch_size {bsz} is not divisible by the {ndev} devices")
-  train_loader = bench.loader("train", bsz, int(config.seed), True, pidx, pcount)
+  train_loader = make_train_loader(bench, config, mesh)
   num_steps = int(config.train.num_steps) or int(config.train.num_epochs) * \
       train_loader.batches_per_epoch
   tx = make_optimizer(config, num_steps)
@@ -432,7 +468,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
   mask = combiners.resolve_mask(model.shared_mask, jax.device_get(state.params))
   step_fn = make_train_step(model, tasks, method, tx, mesh, mode=mode,
                             reduction=config.engine.reduction, multi_input=bench.multi_input,
-                            shared_mask=mask, constants=constants)
+                            shared_mask=mask, constants=constants,
+                            per_device_batches=bench.per_device_batches)
   num_params = int(model.num_params(jax.device_get(state.params)))
 
   main = pidx == 0

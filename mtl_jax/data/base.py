@@ -90,6 +90,12 @@ class Benchmark:
     reference: published single-task numbers ``{task: {metric: value}}`` for Δm%.
     multi_input: one batch per task (LibMTL's multi_input) instead of one shared batch.
     split_sizes: number of examples per split.
+    per_device_batches: the batches cannot be split on their leading axis (flat padded graph
+      batches: edges index nodes, graphs own node ranges), so the loader takes an extra keyword
+      ``num_shards=D`` and then yields batches whose every leaf has a new leading axis of size D,
+      one self-contained sub-batch of ``batch_size // (process_count * D)`` examples per local
+      device; the trainer shards that axis over the devices and each device drops it. Without
+      ``num_shards`` (or 0) the loader yields ordinary flat batches (evaluation, one device).
   """
 
   name: str
@@ -100,3 +106,4 @@ class Benchmark:
   multi_input: bool = False
   split_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
   info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  per_device_batches: bool = False

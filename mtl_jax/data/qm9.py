@@ -28,6 +28,14 @@ six standard deviations above the mean, rounded up to a multiple of 64), so ``ji
 a batch beyond capacity (not observed on QM9) doubles it with a warning. Targets of padding graph
 slots are NaN: the losses and metrics ignore them.
 
+Several devices: a flat graph batch cannot be cut on its leading axis (edges index nodes, a graph
+owns a range of nodes), so the benchmark sets ``per_device_batches`` and the trainer asks the
+training loader for ``num_shards=D`` (its local devices): each batch is then a stack ``[D, ...]``
+of D self-contained padded sub-batches of ``batch_size / (processes * D)`` molecules, with
+per-sub-batch capacities. Training batches are full (``drop_last``), so every device holds the
+same number of real molecules and the mean over devices of the per-device MSEs is the MSE of the
+global batch: the step on D devices is the step on one (tested in ``tests/test_qm9_devices.py``).
+
 Sources (``config.data.source``): ``qm9pack`` (default, offline), ``tfds`` (``qm9/original``);
 ``config.data.mock=True`` fabricates small molecules (no RDKit, no files).
 """
@@ -38,6 +46,7 @@ import os
 import warnings
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -199,21 +208,34 @@ class GraphStore:
 
 
 def _fetcher(store: GraphStore, ids: np.ndarray, targets: np.ndarray, per_batch: int,
-             names: tuple[str, ...]):
+             names: tuple[str, ...], num_shards: int = 0):
+  """``fetch(idx)``: one padded graph batch of ``per_batch`` graph slots, or with ``num_shards=D``
+  a stack ``[D, ...]`` of D of them (``idx`` cut into D consecutive parts, one per device).
+
+  The capacities are per (sub-)batch; all sub-batches of one stack share them (a stack needs one
+  shape), so an overflow in any part grows the capacities of the whole stack.
+  """
   caps = {"nodes": _capacity(store.num_nodes[ids], per_batch),
           "edges": _capacity(store.num_edges[ids], per_batch)}
 
+  def one(idx: np.ndarray):
+    graphs = store.batch(ids[idx], per_batch, caps["nodes"], caps["edges"])
+    y = np.full((per_batch, len(names)), np.nan, np.float32)
+    y[:len(idx)] = targets[idx]
+    return {"inputs": graphs, "targets": {t: y[:, k] for k, t in enumerate(names)}}
+
   def fetch(idx: np.ndarray):
-    mols = ids[idx]
-    need_n, need_e = int(store.num_nodes[mols].sum()), int(store.num_edges[mols].sum())
+    parts = np.array_split(idx, num_shards) if num_shards else [idx]
+    need_n = max(int(store.num_nodes[ids[p]].sum()) for p in parts)
+    need_e = max(int(store.num_edges[ids[p]].sum()) for p in parts)
     while need_n > caps["nodes"] or need_e > caps["edges"]:
       warnings.warn(f"QM9 batch of {need_n} atoms / {need_e} edges exceeds the capacity "
                     f"{caps['nodes']} / {caps['edges']}; doubling it (one recompilation)")
       caps["nodes"], caps["edges"] = 2 * caps["nodes"], 2 * caps["edges"]
-    graphs = store.batch(mols, per_batch, caps["nodes"], caps["edges"])
-    y = np.full((per_batch, len(names)), np.nan, np.float32)
-    y[:len(mols)] = targets[idx]
-    return {"inputs": graphs, "targets": {t: y[:, k] for k, t in enumerate(names)}}
+    batches = [one(p) for p in parts]
+    if not num_shards:
+      return batches[0]
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
   fetch.capacity = caps
   return fetch
@@ -283,12 +305,21 @@ def get_benchmark(config) -> Benchmark:
   y_std = ((y - mean) / std).astype(np.float32)
 
   def loader(split: str, batch_size: int, seed: int = 0, shuffle: bool | None = None,
-             process_index: int = 0, process_count: int = 1, position: int = 0) -> ArrayLoader:
+             process_index: int = 0, process_count: int = 1, position: int = 0, *,
+             num_shards: int = 0) -> ArrayLoader:
+    """``num_shards=D`` (D >= 1): every batch is a stack of D padded sub-batches of
+    ``batch_size // (process_count * D)`` molecules each, one per local device (see
+    :attr:`Benchmark.per_device_batches`); 0: one flat padded batch."""
     if split not in splits:
       raise ValueError(f"unknown QM9 split {split!r}; valid: {', '.join(SPLITS)}")
+    num_shards = int(num_shards)
+    if num_shards < 0 or batch_size % (process_count * max(num_shards, 1)):
+      raise ValueError(f"QM9: batch_size {batch_size} must split evenly over {process_count} "
+                       f"process(es) x {max(num_shards, 1)} device(s) (num_shards >= 0)")
     ids = splits[split]
     shuffle = (split == "train") if shuffle is None else shuffle
-    fetch = _fetcher(store, ids, y_std[ids], batch_size // process_count, names)
+    fetch = _fetcher(store, ids, y_std[ids], batch_size // (process_count * max(num_shards, 1)),
+                     names, num_shards)
     return ArrayLoader(len(ids), fetch, batch_size, seed=seed, shuffle=shuffle,
                        process_index=process_index, process_count=process_count,
                        position=position)
@@ -304,4 +335,5 @@ def get_benchmark(config) -> Benchmark:
             "graph": store.graph, "source": "mock" if d.get("mock", False) else
             str(d.get("source", "qm9pack") or "qm9pack"),
             "perception_counts": np.bincount(cache["perception"], minlength=3).tolist(),
-            "splits": splits})
+            "splits": splits},
+      per_device_batches=True)
