@@ -55,8 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
   c.train.eval_batch_size = 256
-  # > 0: each evaluation also scores the first N in-order training batches (the 'train' split of
-  # the eval records: the train/validation gap of mtl_jax.analysis.overfitting); 0 = off.
+  # > 0: each evaluation also scores N training batches, a fixed random subset (the 'train' split
+  # of the eval records: the train/validation gap of mtl_jax.analysis.overfitting); 0 = off.
   c.train.eval_train_batches = 0
   c.train.on_nonfinite = "stop"  # stop | skip
   # Model selection on validation: auto (the benchmark's info['select'], else delta_m when it has

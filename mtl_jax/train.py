@@ -501,10 +501,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
 
   eval_loaders = {s: bench.loader(s, int(config.train.eval_batch_size), 0, False, pidx, pcount)
                   for s in ("validation", "test")}
-  # Optional: the first N in-order training batches, evaluated like validation (the train/validation
-  # gap of mtl_jax.analysis.overfitting); 0 = off.
+  # Optional: N training batches evaluated like validation (the train/validation gap of
+  # mtl_jax.analysis.overfitting); 0 = off. A fixed random subset (the first N batches of a seeded
+  # permutation), not the first N in storage order: a split stored sorted (QM9 by molecule index,
+  # small molecules first) would otherwise give a biased sample.
   n_train_eval = int(config.train.get("eval_train_batches", 0) or 0)
-  train_eval_loader = (bench.loader("train", int(config.train.eval_batch_size), 0, False, pidx,
+  train_eval_loader = (bench.loader("train", int(config.train.eval_batch_size), 0, True, pidx,
                                     pcount) if n_train_eval else None)
   stats_fn = jax.jit(evaluation.batch_stats_fn(eval_apply(model), tasks, bench.multi_input))
   reduce_fn = None
