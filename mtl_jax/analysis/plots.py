@@ -102,7 +102,7 @@ def conflict_heatmap(cos: np.ndarray, tasks: Sequence[str], path: str,
                      title: str = "Pairwise cosine of task gradients") -> str:
   """The pairwise cosine matrix, diverging colours centred on 0 (red = conflicting)."""
   cos = np.asarray(cos)
-  fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(tasks), 0.6 + 0.5 * len(tasks)))
+  fig, ax = plt.subplots(figsize=(max(5.5, 1.6 + 0.5 * len(tasks)), max(4.5, 1.2 + 0.5 * len(tasks))))
   im = ax.imshow(cos, cmap="RdBu", vmin=-1, vmax=1)
   ax.set_xticks(range(len(tasks)))
   ax.set_yticks(range(len(tasks)))
@@ -111,9 +111,10 @@ def conflict_heatmap(cos: np.ndarray, tasks: Sequence[str], path: str,
   if len(tasks) <= 12:
     for i in range(len(tasks)):
       for j in range(len(tasks)):
-        ax.text(j, i, f"{cos[i, j]:.2f}", ha="center", va="center", fontsize=6)
+        ax.text(j, i, f"{cos[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                color="white" if abs(cos[i, j]) > 0.6 else "black")
   fig.colorbar(im, ax=ax, label="cosine similarity")
-  ax.set_title(title)
+  ax.set_title(title, fontsize=9)
   return _save(fig, path)
 
 
@@ -182,7 +183,7 @@ def affinity_heatmap(z: np.ndarray, tasks: Sequence[str], path: str,
                      title: str = "Lookahead inter-task affinity Z[i→j] (TAG)") -> str:
   z = np.asarray(z)
   lim = float(np.max(np.abs(z))) or 1.0
-  fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(tasks), 0.6 + 0.5 * len(tasks)))
+  fig, ax = plt.subplots(figsize=(max(5.5, 1.6 + 0.5 * len(tasks)), max(4.5, 1.2 + 0.5 * len(tasks))))
   im = ax.imshow(z, cmap="PuOr", vmin=-lim, vmax=lim)
   ax.set_xticks(range(len(tasks)))
   ax.set_yticks(range(len(tasks)))
@@ -191,5 +192,5 @@ def affinity_heatmap(z: np.ndarray, tasks: Sequence[str], path: str,
   ax.set_xlabel("task j (affected)")
   ax.set_ylabel("task i (lookahead step)")
   fig.colorbar(im, ax=ax, label="relative loss decrease")
-  ax.set_title(title)
+  ax.set_title(title, fontsize=9)
   return _save(fig, path)
