@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import ls_qm9  # pylint: disable=wrong-import-position
+from configs import synthetic  # pylint: disable=wrong-import-position
 from mtl_jax import data  # pylint: disable=wrong-import-position
 from mtl_jax import train  # pylint: disable=wrong-import-position
 
@@ -66,8 +67,7 @@ def test_same_params_on_1_and_4_devices():
 
 def test_benchmark_declares_per_device_batches(bench):
   assert bench.per_device_batches
-  synthetic = data.get_benchmark(__import__("configs.synthetic", fromlist=["x"]).get_config("smoke"))
-  assert not synthetic.per_device_batches  # the default: batches split on their leading axis
+  assert not data.get_benchmark(synthetic.get_config("smoke")).per_device_batches  # the default: batches split on their leading axis
 
 
 def _molecules(graphs, targets):
