@@ -14,7 +14,8 @@ lowering the rate once validation stalls; selection by validation Delta_m is kep
 Variants: ``''`` the protocol; ``'smoke'`` fabricated molecules, tiny MPNN, a few steps (no files,
 no RDKit); ``'quick'`` real QM9 offline from qm9pack (the featurised cache is built once, about a
 minute, under ``~/.cache/mtl_jax/qm9``), bonded graphs, width 32, 200 steps of batch 64,
-evaluation on 1,000 validation / 1,000 test molecules: about 2-3 CPU minutes on 2 cores.
+evaluation on 1,000 validation / 1,000 test molecules drawn at random from their splits
+(``data.eval_limit``; the first indices would be the smallest molecules): about 2-3 CPU minutes.
 """
 
 import os
