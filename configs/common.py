@@ -32,8 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.combiner.hparams = ml_collections.ConfigDict()  # passed as keyword arguments
 
   c.engine = ml_collections.ConfigDict()
-  c.engine.mode = ""  # "" = what the combiner needs: losses | gramian | jacobian | features
+  c.engine.mode = ""  # losses | gramian | jacobian | features; "" = chosen from the combiner (below)
   c.engine.reduction = "exact"  # exact | local (see mtl_jax.autodiff)
+  # With mode "": a Gramian weighting runs in 'jacobian' mode (fast, holds the K x P_shared
+  # Jacobian) when that Jacobian fits in this many MiB, else in the streamed 'gramian' mode.
+  c.engine.jacobian_budget_mb = 1024.0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"  # adam | adamw | sgd

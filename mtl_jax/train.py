@@ -408,7 +408,6 @@ def build(config):
   method = combiners.method(config.combiner.name, len(bench.tasks), **hp)
   model = build_model(config, bench)
   mode = config.engine.mode or autodiff.default_mode(method)
-  autodiff.check_mode(method, mode)
   if method.needs != combiners.LOSSES:
     sample_fn = model.sample_input or bench.backbone.sample_input
     shapes = jax.eval_shape(lambda r: model.init(r, sample_fn()), jax.random.key(0))
@@ -418,7 +417,20 @@ def build(config):
           f"combiner {method.name!r} needs a Gramian over shared parameters but sharing "
           f"{model.name!r} shares none; valid combiners for it (loss-based): "
           f"{', '.join(n for n in combiners.names() if combiners.method(n, len(bench.tasks)).needs == combiners.LOSSES)}")
+    if not config.engine.mode and method.needs == combiners.GRAMIAN:
+      mode = auto_gramian_mode(len(bench.tasks), shapes["params"], mask,
+                               config.engine.jacobian_budget_mb)
+  autodiff.check_mode(method, mode)
   return bench, model, method, mode
+
+
+def auto_gramian_mode(num_tasks: int, params, mask, budget_mb: float) -> str:
+  """The engine mode for a Gramian weighting when the config leaves it empty: ``jacobian`` (the
+  fast exact path: K vmapped VJPs, the Jacobian held) when the K x P_shared float32 Jacobian fits
+  in ``budget_mb`` MiB, else ``gramian`` (streamed: no Jacobian held, about twice the arithmetic)."""
+  shared = sum(int(np.prod(x.shape)) for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
+               if m)
+  return "jacobian" if num_tasks * shared * 4 <= budget_mb * 2**20 else "gramian"
 
 
 def run_steps(config, num_steps: int, devices=None, batches=None):

@@ -209,3 +209,11 @@ def test_nonfinite_gradient_with_finite_losses_is_skipped_in_losses_mode():
   assert bool(jnp.all(jnp.isfinite(out.losses)))
   assert not bool(out.finite) and int(out.state.skipped) == 1
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(out.update))
+
+
+def test_trainer_picks_the_jacobian_mode_when_it_fits_the_budget():
+  from mtl_jax import train
+  params = {"a": jnp.zeros((1000, 256)), "b": jnp.zeros((256,))}  # 256,256 floats shared: 1 MiB
+  mask = {"a": True, "b": False}
+  assert train.auto_gramian_mode(4, params, mask, budget_mb=4.0) == "jacobian"
+  assert train.auto_gramian_mode(5, params, mask, budget_mb=4.0) == "gramian"
