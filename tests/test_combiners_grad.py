@@ -38,11 +38,20 @@ def jacobian(seed, k, p, spread=0.0):
   return j
 
 
+_WEIGH = {}
+
+
 def weigh(name, gram, losses=None, **hp):
-  m = base.method(name, gram.shape[0], **hp)
-  losses = jnp.ones(gram.shape[0]) if losses is None else losses
-  return jax.jit(m.weigh)(jnp.asarray(gram, jnp.float32), jnp.asarray(losses, jnp.float32),
-                          m.init(None))
+  """``method.weigh`` from a fresh state, jitted once per (name, K, hparams): hypothesis examples
+  of one K then share one compiled program instead of re-tracing a new Method every call."""
+  k = gram.shape[0]
+  key = (name, k, tuple(sorted(hp.items())))
+  if key not in _WEIGH:
+    m = base.method(name, k, **hp)
+    _WEIGH[key] = (jax.jit(m.weigh), m.init(None))
+  fn, state = _WEIGH[key]
+  losses = jnp.ones(k) if losses is None else losses
+  return fn(jnp.asarray(gram, jnp.float32), jnp.asarray(losses, jnp.float32), state)
 
 
 def test_registered():
@@ -160,7 +169,7 @@ def test_pcgrad_removes_conflict_two_tasks(seed, p):
   j = jacobian(seed, 2, p)
   if j[0] @ j[1] >= 0:  # make them conflict
     j[1] = j[1] - 2 * (j[1] @ j[0]) / (j[0] @ j[0]) * j[0]
-  w, state = weigh("pcgrad", j @ j.T)  # eager: K = 2 only
+  w, state = weigh("pcgrad", j @ j.T)  # K = 2 only: one compile for all examples
   d = np.asarray(w, np.float64) @ j
   assert np.all(j @ d >= -1e-4 * np.linalg.norm(j, axis=1) * np.linalg.norm(d))
   assert state.key.dtype == jnp.uint32
