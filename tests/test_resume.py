@@ -1,5 +1,13 @@
-"""Exact resume: a launch/train.py run killed with SIGKILL (or stopped by SIGTERM) after a
-checkpoint and rerun with the same command ends with the uninterrupted run's params_checksum."""
+"""Exact resume: a launch/train.py run stopped by SIGTERM, resumed, killed with SIGKILL after a
+later checkpoint and resumed again with the same command ends with the uninterrupted run's
+params_checksum; rerunning a finished run is a no-op.
+
+Every launch/train.py process pays a JAX start, an initialisation and a compilation, so the
+scenarios share processes: one chain (SIGTERM, resume, SIGKILL, resume) on one workdir instead
+of two separate interrupted runs, and one test function (a module fixture could be built twice
+when pytest-xdist sends the module's tests to different workers). A wrong SIGTERM checkpoint
+would propagate through the SIGKILL leg (that leg's checkpoints are written after resuming from
+it), so the final checksum checks both resumes."""
 
 import json
 import os
@@ -7,8 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "synthetic.py") + ":smoke"
@@ -45,7 +51,8 @@ def _checkpoints(workdir):
 
 
 def _interrupt(workdir, sig, after_step):
-  """Start a run, send ``sig`` once a checkpoint at ``after_step`` or later is complete."""
+  """Start (or resume) a run, send ``sig`` once a checkpoint at ``after_step`` or later is
+  complete."""
   proc = subprocess.Popen(_cmd(workdir), env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
@@ -59,47 +66,43 @@ def _interrupt(workdir, sig, after_step):
   return proc.returncode, err
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  return workdir, _run(workdir)
+def _train_steps(workdir):
+  return [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
+          if "losses" in json.loads(l)]
 
 
-@pytest.fixture(scope="module")
-def reference(reference_run):
-  return reference_run[1]
+def test_sigterm_then_sigkill_resume_exactly_and_a_finished_rerun_is_a_no_op(tmp_path):
+  ref_dir = tmp_path / "uninterrupted"
+  reference = _run(ref_dir)
+  assert reference["step"] == 60
 
+  wd = tmp_path / "interrupted"
+  # SIGTERM: the run checkpoints the step it is at and exits cleanly, before the end.
+  rc, err = _interrupt(wd, signal.SIGTERM, 4)
+  assert rc == 0, err[-2000:]
+  stopped = _checkpoints(wd)[-1]
+  assert 4 <= stopped < 60 and not (wd / "summary.json").exists()
+  assert "SIGTERM" in err
 
-def test_resume_after_sigkill_is_exact(tmp_path, reference):
-  rc, err = _interrupt(tmp_path, signal.SIGKILL, 8)
+  # Resume it, and SIGKILL it once it has written a checkpoint of its own (a later step).
+  rc, err = _interrupt(wd, signal.SIGKILL, stopped + 4)
   assert rc == -signal.SIGKILL, err[-2000:]
-  assert not (tmp_path / "summary.json").exists()  # it really was cut short
-  last = _checkpoints(tmp_path)[-1]
-  assert 8 <= last < 60
-  resumed = _run(tmp_path)
+  assert not (wd / "summary.json").exists()  # it really was cut short
+  last = _checkpoints(wd)[-1]
+  assert stopped + 4 <= last < 60
+
+  # Resume again with the same command: the uninterrupted run's results.
+  resumed = _run(wd)
   assert resumed["step"] == reference["step"] == 60
   assert resumed["params_checksum"] == reference["params_checksum"]
   assert resumed["test"] == reference["test"]
   assert resumed["selected_step"] == reference["selected_step"]
   # metrics.jsonl: one training record per logged step, no duplicates from the repeated steps.
-  steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
-           if "losses" in json.loads(l)]
-  assert steps == list(range(5, 61, 5))
-  assert len(_checkpoints(tmp_path)) <= 2
+  assert _train_steps(wd) == list(range(5, 61, 5))
+  assert len(_checkpoints(wd)) <= 2
 
-
-def test_sigterm_checkpoints_and_resumes(tmp_path, reference):
-  rc, err = _interrupt(tmp_path, signal.SIGTERM, 4)
-  assert rc == 0, err[-2000:]
-  stopped = _checkpoints(tmp_path)[-1]
-  assert stopped < 60 and not (tmp_path / "summary.json").exists()
-  assert "SIGTERM" in err
-  resumed = _run(tmp_path)
-  assert resumed["params_checksum"] == reference["params_checksum"]
-
-
-def test_rerun_of_a_finished_run_is_a_no_op(reference_run):
-  workdir, first = reference_run
-  again = _run(workdir)
-  assert again["params_checksum"] == first["params_checksum"]
-  assert again["test"] == first["test"]
+  # Rerunning a finished run changes nothing.
+  again = _run(ref_dir)
+  assert again["params_checksum"] == reference["params_checksum"]
+  assert again["test"] == reference["test"]
+  assert _train_steps(ref_dir) == list(range(5, 61, 5))
