@@ -17,6 +17,15 @@ from mtl_jax.sharing import towers
 
 OPTIONS = {"hierarchical": {"depths": [1, 2, 2]}}
 
+# The suite's cost is XLA compilation of tiny programs, not running them: compile without LLVM's
+# optimisation passes (same semantics, a fraction of the compile time), run each check as one jitted
+# program instead of op-by-op dispatch, and initialise with the cheap 'rbg' PRNG.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def _key(seed=0):
+  return jax.random.key(seed, impl="rbg")
+
 
 def mlp(batch_norm=True):
   return models.get("mlp", input_dim=4, widths=(6, 5), batch_norm=batch_norm)
@@ -45,7 +54,7 @@ def build(name, backbone, tasks=None):
   tasks = tasks or three_tasks()
   model = sharing.get(name, backbone, tasks, **OPTIONS.get(name, {}))
   x, y = data(backbone)
-  variables = jax.jit(model.init)(jax.random.key(0), x)
+  variables = jit(model.init)(_key(0), x)
   return model, tasks, variables, x, y
 
 
@@ -61,7 +70,7 @@ def compiled(name):
     params0 = v["params"]
     mask = model.shared_mask(params0)
 
-    @jax.jit
+    @jit
     def fn(theta):
       p = _unflatten(theta, params0, mask)
       preds, upd = model.apply(dict(v, params=p), x, train=True)
@@ -100,7 +109,7 @@ def test_strategy_runs_and_gradients_follow_the_shared_mask(name, backbone_fn):
   else:
     model, tasks, variables, x, y = build(name, backbone_fn())
 
-    @jax.jit
+    @jit
     def run(v):
       preds, upd = model.apply(v, x, train=True)
       jac = jax.jacrev(lambda p: task_losses(model, tasks, v, p, x, y))(v["params"])
@@ -140,13 +149,13 @@ def test_cross_stitch_at_identity_equals_independent_towers(backbone_fn):
   b = backbone_fn()
   ind, tasks, vi, x, _ = build("independent", b)
   cs = sharing.get("cross_stitch", b, tasks, init="identity")
-  vc = jax.jit(cs.init)(jax.random.key(1), x)
+  vc = jit(cs.init)(_key(1), x)
   stitches = {k: v for k, v in vc["params"].items() if k.startswith("stitch_")}
   assert stitches and all(np.array_equal(s, np.eye(3)) for s in stitches.values())
   vc = dict(vc, params=dict(vi["params"], **stitches), batch_stats=vi["batch_stats"])
-  for train in (False, True):
-    pi, _ = ind.apply(vi, x, train=train)
-    pc, _ = cs.apply(vc, x, train=train)
+  both = jit(lambda vi, vc: [(ind.apply(vi, x, train=train)[0], cs.apply(vc, x, train=train)[0])
+                             for train in (False, True)])  # eval and train mode: one program
+  for pi, pc in both(vi, vc):
     for t in pi:
       np.testing.assert_allclose(pc[t], pi[t], rtol=1e-5, atol=1e-6)
   # Misra's initialisation mixes the towers: convex rows, 0.9 on the diagonal.
@@ -159,14 +168,14 @@ def test_sparse_with_all_ones_masks_equals_hard_sharing():
   b = mlp()
   hard, tasks, vh, x, _ = build("hard", b)
   sp = sharing.get("sparse", b, tasks)
-  vs = jax.jit(sp.init)(jax.random.key(3), x)
+  vs = jit(sp.init)(_key(3), x)
   assert all(np.all(m) for m in jax.tree.leaves(vs[S.MASKS]))
   vs = dict(vs, params=vh["params"],
             batch_stats=jax.tree.map(lambda a: jnp.broadcast_to(a, (3,) + a.shape),
                                      vh["batch_stats"]))
-  for train in (False, True):
-    ph, uh = hard.apply(vh, x, train=train)
-    ps, us = sp.apply(vs, x, train=train)
+  both = jit(lambda vh, vs: [(hard.apply(vh, x, train=train), sp.apply(vs, x, train=train))
+                             for train in (False, True)])  # eval and train mode: one program
+  for (ph, uh), (ps, us) in both(vh, vs):
     for t in ph:
       np.testing.assert_allclose(ps[t], ph[t], rtol=1e-5, atol=1e-6)
   for a, c in zip(jax.tree.leaves(uh), jax.tree.leaves(us)):  # per-task stats agree with hard's
@@ -179,12 +188,16 @@ def test_sparse_masks_act_per_task():
   masks = jax.tree.map(np.array, v[S.MASKS])
   masks["stage_0"]["Dense_0"]["kernel"][1] = False  # task b's first layer: all pruned
   v2 = S.set_masks(v, masks)
-  p1, _ = sp.apply(v, x)
-  p2, _ = sp.apply(v2, x)
+
+  @jit
+  def run(v, v2):
+    jac = jax.jacrev(lambda p: task_losses(sp, tasks, v2, p, x, y))(v2["params"])
+    return sp.apply(v, x)[0], sp.apply(v2, x)[0], jac
+
+  p1, p2, jac = run(v, v2)
   np.testing.assert_allclose(p2["a"], p1["a"])
   np.testing.assert_allclose(p2["c"], p1["c"])
   assert not np.allclose(p2["b"], p1["b"])
-  jac = jax.jacrev(lambda p: task_losses(sp, tasks, v2, p, x, y))(v2["params"])
   assert np.all(np.asarray(jac["stage_0"]["Dense_0"]["kernel"][1]) == 0)
   with pytest.raises(ValueError, match="tree of the stage parameters"):
     S.set_masks(v, {"stage_0": masks["stage_0"]})
@@ -259,34 +272,43 @@ def test_parameter_counts():
 
 def test_soft_penalties():
   model, tasks, v, x, _ = build("soft", mlp())
-  p = v["params"]
-  assert float(model.regularizer(p)) > 0
-  same = {k: (jax.tree.map(lambda a: jnp.broadcast_to(a[:1], a.shape), w)
+  p = jax.tree.map(np.asarray, v["params"])
+  same = {k: (jax.tree.map(lambda a: np.broadcast_to(a[:1], a.shape), w)
               if k.startswith("tower_") else w) for k, w in p.items()}
-  assert float(model.regularizer(same)) == pytest.approx(0.0, abs=1e-12)
+  tr = sharing.get("soft", mlp(), tasks, penalty="trace", lam=1.0)
+  firsts = jax.tree.leaves({k: w for k, w in p.items() if k.startswith("tower_")})[:2]
+
+  @jit  # every penalty, gradient and trace norm below: one program
+  def run(p, same, firsts):
+    return (model.regularizer(p), model.regularizer(same), jax.grad(model.regularizer)(p),
+            tr.regularizer(same), jax.grad(tr.regularizer)(same),
+            [towers.trace_norm({"tower_0": a}) for a in firsts])
+
+  reg_p, reg_same, grad_p, tr_same, tr_grad, norms = run(p, same, firsts)
+  assert float(reg_p) > 0
+  assert float(reg_same) == pytest.approx(0.0, abs=1e-12)
   # The L2 penalty is lam * sum ||theta_k - mean||^2 and its gradient pulls towards the mean.
   lam = 1e-3
-  expect = sum(float(jnp.sum((a - a.mean(0)) ** 2)) for k, w in p.items()
+  expect = sum(float(np.sum((a - a.mean(0)) ** 2)) for k, w in p.items()
                if k.startswith("tower_") for a in jax.tree.leaves(w))
-  np.testing.assert_allclose(float(model.regularizer(p)), lam * expect, rtol=1e-5)
-  assert not any(jax.tree.leaves(jax.tree.map(lambda a: bool(jnp.any(a != 0)),
-                                              {k: w for k, w in jax.grad(model.regularizer)(p)
-                                               .items() if k.startswith("head_")})))
-  tr = sharing.get("soft", mlp(), tasks, penalty="trace", lam=1.0)
+  np.testing.assert_allclose(float(reg_p), lam * expect, rtol=1e-5)
+  assert not any(jax.tree.leaves(jax.tree.map(lambda a: bool(np.any(a != 0)),
+                                              {k: w for k, w in grad_p.items()
+                                               if k.startswith("head_")})))
   # Identical towers: rank one, trace norm sqrt(K) ||theta|| per leaf; gradient finite.
-  expect = sum(float(np.sqrt(3) * jnp.linalg.norm(a[0])) for k, w in same.items()
+  expect = sum(float(np.sqrt(3) * np.linalg.norm(a[0])) for k, w in same.items()
                if k.startswith("tower_") for a in jax.tree.leaves(w))
-  np.testing.assert_allclose(float(tr.regularizer(same)), expect, rtol=1e-4)
-  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(jax.grad(tr.regularizer)(same)))
-  for a in jax.tree.leaves({k: w for k, w in p.items() if k.startswith("tower_")})[:2]:
+  np.testing.assert_allclose(float(tr_same), expect, rtol=1e-4)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(tr_grad))
+  for a, norm in zip(firsts, norms):
     sv = np.linalg.svd(np.asarray(a).reshape(3, -1), compute_uv=False).sum()
-    np.testing.assert_allclose(float(towers.trace_norm({"tower_0": a})), sv, rtol=1e-4)
+    np.testing.assert_allclose(float(norm), sv, rtol=1e-4)
 
 
 def test_hierarchical_heads_read_their_depth():
   model, tasks, v, x, y = build("hierarchical", mlp())
   assert model.options["depths"] == (1, 2, 2)
-  jac = jax.jacrev(lambda p: task_losses(model, tasks, v, p, x, y))(v["params"])
+  jac = jit(jax.jacrev(lambda p: task_losses(model, tasks, v, p, x, y)))(v["params"])
   # Task a's head reads stage 0: no gradient from it on stage 1.
   assert all(np.all(np.asarray(g[0]) == 0) for g in jax.tree.leaves(jac["stage_1"]))
   assert any(np.any(np.asarray(g[1]) != 0) for g in jax.tree.leaves(jac["stage_1"]))
@@ -301,11 +323,6 @@ def test_hierarchical_heads_read_their_depth():
 @pytest.mark.parametrize("name", ["hard", "hierarchical", "mtan"])
 def test_encode_decode_split(name):
   model, tasks, v, x, y = build(name, mlp())
-  full, _ = model.apply(v, x, train=False)
-  z, _ = model.encode(v, x, train=False)
-  dec, _ = model.decode(v, z, train=False)
-  for t in full:
-    np.testing.assert_allclose(dec[t], full[t], rtol=1e-5, atol=1e-6)
   # The features engine mode through a SplitLoss gives the same update as one backward (ls).
   method = combiners.method("ls", 3)
   state = method.transform().init(v["params"])
@@ -320,8 +337,18 @@ def test_encode_decode_split(name):
   split = autodiff.SplitLoss(enc, dec_loss)
   plain = lambda p: (task_losses(model, tasks, dict(v), p, x, y) * 0 + jnp.stack(
       [t.loss(model.apply(dict(v, params=p), x)[0][t.name], y[t.name]) for t in tasks]), None)
-  a = autodiff.combine(method, state, split, v["params"], mode="features")
-  b = autodiff.combine(method, state, plain, v["params"], mode="losses")
+
+  @jit  # the split, its round trip and both engine modes: one program
+  def run(v):
+    full, _ = model.apply(v, x, train=False)
+    z, _ = model.encode(v, x, train=False)
+    dec, _ = model.decode(v, z, train=False)
+    return (full, dec, autodiff.combine(method, state, split, v["params"], mode="features"),
+            autodiff.combine(method, state, plain, v["params"], mode="losses"))
+
+  full, dec, a, b = run(v)
+  for t in full:
+    np.testing.assert_allclose(dec[t], full[t], rtol=1e-5, atol=1e-6)
   for u, w in zip(jax.tree.leaves(a.update), jax.tree.leaves(b.update)):
     np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-6)
 
@@ -349,7 +376,7 @@ def test_mixture_gates_are_softmax_over_experts():
   p = dict(v["params"])
   for k in range(3):
     p[f"gate_{k}"] = jax.tree.map(jnp.zeros_like, p[f"gate_{k}"])
-  preds, _ = model.apply(dict(v, params=p), x)
+  preds, _ = jit(lambda p: model.apply(dict(v, params=p), x))(p)
   feats = jnp.broadcast_to(x, (4,) + x.shape)
   for i in range(2):
     w = p[f"expert_{i}"]["Dense_0"]
@@ -399,7 +426,7 @@ def _combiner_step(cname):
     tx = optax.adam(1e-2)
     mask = {"shared": True, "specific": False}
 
-    @jax.jit
+    @jit
     def step(theta, cstate, ostate, losses, jac):
       def loss_fn(t):
         lin = sum(jac[k] @ (t[k] - theta[k]) for k in ("shared", "specific"))
