@@ -1,5 +1,7 @@
 """Backbones of mtl_jax.models: lenet, resnet18, mpnn, segnet, dilated_resnet, transformer."""
 
+import functools
+
 import flax.linen as nn
 import hypothesis.extra.numpy as hnp
 import jax
@@ -21,6 +23,12 @@ class Chain(nn.Module):
     for make in self.stages:
       x = make()(x, train)
     return x
+
+
+# The cost of these tests is XLA compilation, not running the tiny programs: compile without LLVM's
+# optimisation passes (same semantics, ~40% less compile time) and gather each test's computations
+# into one jitted program rather than op-by-op dispatch.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _key(seed=0):
@@ -57,9 +65,9 @@ def test_backbone_builds_trains_and_evaluates(name):
   assert len(bb.widths) == len(bb.stages)
   model = Chain(bb.stages)
   x = _sample(bb)
-  proj = jax.random.normal(jax.random.PRNGKey(3), out_shape)
+  proj = np.random.default_rng(3).normal(size=out_shape).astype(np.float32)
 
-  @jax.jit  # init, one train step and one eval pass: a single compilation
+  @jit  # init, one train step and one eval pass: a single compilation
   def run(x):
     variables = model.init(_key(), x, train=False)
     params, stats = variables["params"], variables.get("batch_stats", {})
@@ -73,20 +81,20 @@ def test_backbone_builds_trains_and_evaluates(name):
     return stats, out, new_stats, grads, eval_out
 
   stats, out, new_stats, grads, eval_out = run(x)
-  assert out.shape == out_shape and bool(jnp.all(jnp.isfinite(out)))
-  assert eval_out.shape == out_shape and bool(jnp.all(jnp.isfinite(eval_out)))
+  assert out.shape == out_shape and bool(np.all(np.isfinite(out)))
+  assert eval_out.shape == out_shape and bool(np.all(np.isfinite(eval_out)))
 
   # Batch-norm statistics move in train mode (and exist exactly for the BN backbones).
   has_bn = name not in ("lenet", "mpnn", "transformer")
   assert bool(stats) == has_bn
   if has_bn:
-    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), stats, new_stats)
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), stats, new_stats)
     assert all(jax.tree.leaves(moved))
 
   # Every gradient is finite and every parameter gets one.
   flat = jax.tree_util.tree_leaves_with_path(grads)
-  assert all(bool(jnp.all(jnp.isfinite(g))) for _, g in flat)
-  dead = [jax.tree_util.keystr(p) for p, g in flat if float(jnp.max(jnp.abs(g))) == 0.0]
+  assert all(bool(np.all(np.isfinite(g))) for _, g in flat)
+  dead = [jax.tree_util.keystr(p) for p, g in flat if float(np.max(np.abs(g))) == 0.0]
   assert not dead, dead
 
 
@@ -151,8 +159,8 @@ def test_segnet_rejects_sizes_it_cannot_pool():
                    np.zeros((1, 6, 6, 3), np.float32))
 
 
-_POOL = jax.jit(segnet.max_pool_with_mask)
-_UNPOOL = jax.jit(segnet.max_unpool)
+_POOL = jit(segnet.max_pool_with_mask)
+_UNPOOL = jit(segnet.max_unpool)
 
 
 @settings(max_examples=25, deadline=None)
@@ -174,24 +182,23 @@ def test_max_pool_with_mask_matches_pytorch_semantics(x):
 
 
 def test_dense_heads():
-  z = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
-  head = segnet.conv_head(3, normalize=True)
-  y = jax.jit(lambda z: head.apply(head.init(jax.random.PRNGKey(1), z), z))(z)
-  assert y.shape == (2, 8, 8, 3)
-  np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), 1.0, rtol=1e-5)
-
+  rng = np.random.default_rng(0)
+  z1 = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  z2 = rng.normal(size=(2, 3, 5, 16)).astype(np.float32)
+  conv = segnet.conv_head(3, normalize=True)
   head = dilated_resnet.deeplab_head(13, features=8)
-  z = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 16))
 
-  @jax.jit
-  def run(z):
-    v = head.init(_key(1), z)
-    y, upd = head.apply(v, z, train=True, mutable=["batch_stats"],
-                        rngs={"dropout": jax.random.PRNGKey(2)})
-    return y, v["batch_stats"], upd["batch_stats"]
-  y, stats, new_stats = run(z)
-  assert y.shape == (2, 24, 40, 13) and bool(jnp.all(jnp.isfinite(y)))
-  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), stats, new_stats)))
+  @jit  # both heads: one program
+  def run(z1, z2):
+    y1 = conv.apply(conv.init(_key(1), z1), z1)
+    v = head.init(_key(1), z2)
+    y, upd = head.apply(v, z2, train=True, mutable=["batch_stats"], rngs={"dropout": _key(2)})
+    return y1, y, v["batch_stats"], upd["batch_stats"]
+  y1, y, stats, new_stats = run(z1, z2)
+  assert y1.shape == (2, 8, 8, 3)
+  np.testing.assert_allclose(np.linalg.norm(y1, axis=-1), 1.0, rtol=1e-5)
+  assert y.shape == (2, 24, 40, 13) and bool(np.all(np.isfinite(y)))
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), stats, new_stats)))
   with pytest.raises(ValueError, match="out_channels"):
     segnet.conv_head(0)
 
@@ -252,8 +259,8 @@ def _mpnn_apply():
   rng = np.random.default_rng(0)
   mols = [_molecule(rng, 4), _molecule(rng, 3), _molecule(rng, 5, 2)]
   batch = mpnn.pad_graphs(mols, 12, 32)
-  variables = jax.jit(lambda b: model.init(_key(), b, train=False))(batch)
-  apply = jax.jit(lambda b: model.apply(variables, b, train=False))
+  variables = jit(lambda b: model.init(_key(), b, train=False))(batch)
+  apply = jit(lambda b: model.apply(variables, b, train=False))  # retraced per padded size
   return mols, apply
 
 
@@ -283,9 +290,8 @@ def test_mpnn_is_invariant_to_node_order_edge_order_and_padding():
   np.testing.assert_allclose(apply(shuffled), ref, atol=1e-5)
 
   # More padding nodes, edges and graph slots leave the real graphs' outputs unchanged and the
-  # padding graphs at zero.
-  padded_apply = _mpnn_apply()[1]
-  big = np.asarray(padded_apply(mpnn.pad_graphs(mols, 20, 40, max_graphs=5)))
+  # padding graphs at zero (same parameters).
+  big = np.asarray(apply(mpnn.pad_graphs(mols, 20, 40, max_graphs=5)))
   np.testing.assert_allclose(big[:3], ref, atol=1e-5)
   assert not big[3:].any()
 
@@ -309,11 +315,15 @@ def _tokens(t):
 def test_transformer_is_invariant_to_padding_length():
   opts = dict(width=1 / 16, num_layers=2, num_heads=2, vocab_size=20, max_len=16)
   base = Chain(transformer.transformer(**opts).stages)  # the parameters are the same for every output
-  v = jax.jit(lambda x: base.init(_key(), x, train=False))(_tokens(6))
-  for output in ("tokens", "pooled", "dict"):
-    model = Chain(transformer.transformer(output=output, **opts).stages)
-    apply = jax.jit(lambda x: model.apply(v, x, train=False))
-    short, long = apply(_tokens(6)), apply(_tokens(11))
+  outputs = ("tokens", "pooled", "dict")
+  chains = [Chain(transformer.transformer(output=output, **opts).stages) for output in outputs]
+
+  @jit  # init and every output at both padding lengths: one program
+  def run(short, long):
+    v = base.init(_key(), short, train=False)
+    return [(m.apply(v, short, train=False), m.apply(v, long, train=False)) for m in chains]
+
+  for output, (short, long) in zip(outputs, run(_tokens(6), _tokens(11))):
     if output == "tokens":
       np.testing.assert_allclose(long[:, :6], short, atol=1e-5)
       assert not np.asarray(long[:, 6:]).any() and not np.asarray(short[1, 2:]).any()
@@ -331,23 +341,27 @@ def test_transformer_heads_and_dropout():
                                output="dict", dropout=0.5)
   x = _tokens(6)
   first = bb.stages[0]()
-  v = jax.jit(lambda x: first.init(_key(), x, train=False))(x)
-  mid = first.apply(v, x, train=False)  # an intermediate stage: the pre-LN residual stream
+  th, ph = transformer.token_head(5), transformer.pooled_head(3)
+
+  @jit  # the stage, both heads, the padding check and the dropout modes: one program
+  def run(x):
+    v = first.init(_key(), x, train=False)
+    mid = first.apply(v, x, train=False)  # an intermediate stage: the pre-LN residual stream
+    tv, pv = th.init(_key(1), mid), ph.init(_key(1), mid)
+    junk = dict(mid, features=mid["features"].at[1, 2:].set(100.0))
+    return (mid, th.apply(tv, mid), ph.apply(pv, mid), ph.apply(pv, junk),
+            first.apply(v, x, train=True),
+            first.apply(v, x, train=True, rngs={"dropout": _key(5)}), pv)
+
+  mid, tok, pooled, pooled_junk, a, b, pv = run(x)
   assert set(mid) == {"features", "mask"} and mid["features"].shape == (2, 6, 16)
-  for head, shape in ((transformer.token_head(5), (2, 6, 5)), (transformer.pooled_head(3), (2, 3))):
-    hv = head.init(jax.random.PRNGKey(1), mid)
-    assert head.apply(hv, mid).shape == shape
+  assert tok.shape == (2, 6, 5) and pooled.shape == (2, 3)
   # Padding positions do not reach a pooled head.
-  ph = transformer.pooled_head(3)
-  hv = ph.init(jax.random.PRNGKey(1), mid)
-  junk = dict(mid, features=mid["features"].at[1, 2:].set(100.0))
-  np.testing.assert_allclose(ph.apply(hv, junk), ph.apply(hv, mid), atol=1e-5)
+  np.testing.assert_allclose(pooled_junk, pooled, atol=1e-5)
   with pytest.raises(ValueError, match="mask"):
-    ph.apply(hv, mid["features"])
+    jax.eval_shape(lambda f: ph.apply(pv, f), mid["features"])
   # Dropout acts only in train mode with a 'dropout' RNG.
-  a = first.apply(v, x, train=True)
   np.testing.assert_allclose(a["features"], mid["features"], atol=1e-6)
-  b = first.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(5)})
   assert not np.allclose(b["features"], mid["features"])
 
 
@@ -355,12 +369,17 @@ def test_lenet_dropout_and_head():
   bb = lenet.lenet(image_size=28)
   model = Chain(bb.stages)
   x = np.random.default_rng(0).normal(size=(2, 28, 28)).astype(np.float32)  # [B, H, W] accepted
-  v = jax.jit(lambda x: model.init(_key(), x, train=False))(x)
-  z = jax.jit(lambda x: model.apply(v, x, train=False))(x)
-  assert z.shape == (2, 50)
-  np.testing.assert_allclose(jax.jit(lambda x: model.apply(v, x, train=True))(x), z, atol=1e-6)
-  zd = jax.jit(lambda x, k: model.apply(v, x, train=True, rngs={"dropout": k}))(
-      x, jax.random.PRNGKey(1))
-  assert not np.allclose(zd, z)
   head = lenet.lenet_head(10)
-  assert head.apply(head.init(jax.random.PRNGKey(2), z), z).shape == (2, 10)
+
+  @jit  # eval, train without and with a dropout RNG, and the head: one program
+  def run(x):
+    v = model.init(_key(), x, train=False)
+    z = model.apply(v, x, train=False)
+    return (z, model.apply(v, x, train=True), model.apply(v, x, train=True, rngs={"dropout": _key(1)}),
+            head.apply(head.init(_key(2), z), z))
+
+  z, zt, zd, logits = run(x)
+  assert z.shape == (2, 50)
+  np.testing.assert_allclose(zt, z, atol=1e-6)
+  assert not np.allclose(zd, z)
+  assert logits.shape == (2, 10)
