@@ -106,13 +106,19 @@ def backbone(config, default: str, **defaults):
   opts = dict(defaults) if name == default else {}  # the defaults fit the default backbone only
   width = tfds_utils.config_get(config, "model.width", 0)
   if width:
+    if name not in WIDTH_UNIT and isinstance(models.options(name).get("width"), float):
+      raise ValueError(f"backbone {name!r} takes a width multiplier with no channel unit in "
+                       f"WIDTH_UNIT; valid backbones for config.model.width: "
+                       f"{', '.join(sorted(WIDTH_UNIT))} and those with an integer width")
     opts["width"] = width / WIDTH_UNIT[name] if name in WIDTH_UNIT else int(width)
   return models.get(name, **opts)
 
 
 # Backbones whose ``width`` option is a multiplier: ``config.model.width`` (an int, the schema's
-# type) is their first layer's channels, divided by the paper's value to give the multiplier.
-WIDTH_UNIT = {"celeba_cnn": 64, "lenet": 10}
+# type) is their first layer's channels (the transformer's model width), divided by the paper's
+# value at ``width=1`` to give the multiplier.
+WIDTH_UNIT = {"celeba_cnn": 64, "lenet": 10, "segnet": 64, "resnet18": 64, "dilated_resnet": 64,
+              "transformer": 256, "mpnn": 64}
 
 
 @register("celeba")
