@@ -54,6 +54,8 @@ GLUE_TEXT = {"sst2": ("sentence",), "cola": ("sentence",), "mrpc": ("sentence1",
              "rte": ("sentence1", "sentence2")}
 GLUE_METRIC = {"sst2": "accuracy", "cola": "mcc", "mrpc": "f1", "rte": "accuracy"}
 MOCK_SIZES = {"train": 40, "validation": 16, "test": 16}
+# Encoder depth of this library's text protocol (configs/conll_base.py, glue_base.py: 2 layers).
+NUM_LAYERS = 2
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
@@ -171,7 +173,8 @@ def get_conll(config) -> Benchmark:
   vocab_size = len(vocab) + len(SPECIALS)
   return Benchmark(
       name="conll2003", tasks=_tasks_conll(tasks, config),
-      backbone=backbone(config, "transformer", vocab_size=vocab_size, max_len=max_length),
+      backbone=backbone(config, "transformer", vocab_size=vocab_size, max_len=max_length,
+                        num_layers=NUM_LAYERS),
       loader=_array_loader(arrays, sizes), reference={}, split_sizes=sizes,
       info={"vocab_size": vocab_size, "max_length": max_length,
             "mock": bool(tfds_utils.config_get(config, "data.mock", False))})
@@ -325,7 +328,7 @@ def get_glue(config) -> Benchmark:
   return Benchmark(
       name="glue", tasks=_tasks_glue(tasks),
       backbone=backbone(config, "transformer", vocab_size=vocab_size, max_len=max_length,
-                        output="pooled"),
+                        num_layers=NUM_LAYERS, output="pooled"),
       loader=loader, reference={}, multi_input=True,
       split_sizes={s: sum(sizes[s].values()) for s in SPLITS},
       info={"vocab_size": vocab_size, "max_length": max_length, "task_split_sizes": sizes,
