@@ -24,11 +24,10 @@ def _launcher():
   return mod
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-  out = tmp_path_factory.mktemp("bench") / "bench.json"
+def _run_report(out):
   mod = _launcher()
-  # No subcommand: the step benchmark is the default.
+  # No subcommand: the step benchmark is the default. The tiniest sizes; one device (no scaling
+  # subprocess); one combiner of each program kind; K=2 beside K=3 for the step-vs-K scaling.
   mod.main([f"--out={out}", "--image_size=8", "--batch=4", "--num_tasks=3", "--width_mult=0.0625",
             "--repeats=1", f"--combiners={','.join(COMBINERS)}", "--devices=1", "--step_ks=2",
             "--nash_ks=2,3", "--nash_repeats=2", "--update_weights_every=2",
@@ -37,7 +36,18 @@ def report(tmp_path_factory):
     return json.load(f)
 
 
-def test_every_row_present_with_the_schema(report):
+def bench_modes(name):
+  m = combiners.method(name, 3)
+  return {"losses": ("losses", "features"), "gramian": ("jacobian", "gramian", "features"),
+          "jacobian": ("jacobian",)}[m.needs]
+
+
+def test_step_benchmark_rows_schema_nash_scaling_and_checks(tmp_path):
+  """One run of the harness for every claim about its report (a module fixture could run it once
+  per pytest-xdist worker)."""
+  report = _run_report(tmp_path / "bench.json")
+
+  # Every (combiner, mode) row, once, with the schema.
   modes = {c: bench_modes(c) for c in COMBINERS}
   got = {(r["combiner"], r["mode"]) for r in report["rows"]}
   want = {(c, m) for c, ms in modes.items() for m in ms}
@@ -51,14 +61,7 @@ def test_every_row_present_with_the_schema(report):
     mem = r["memory_mb"]
     assert r["peak_mem_mb"] == pytest.approx(mem["temp"] + mem["argument"] + mem["output"])
 
-
-def bench_modes(name):
-  m = combiners.method(name, 3)
-  return {"losses": ("losses", "features"), "gramian": ("jacobian", "gramian", "features"),
-          "jacobian": ("jacobian",)}[m.needs]
-
-
-def test_nash_solve_scaling_and_checks(report):
+  # Nash-MTL's solve, the scalings and the checks.
   assert set(report["nash_solve_ms"]) == {"2", "3"}
   assert all(v > 0 for v in report["nash_solve_ms"].values())
   assert all(v["kkt_residual"] <= 1e-3 for v in report["nash_solve"].values())
@@ -86,8 +89,9 @@ def test_switch_method_runs_only_the_selected_weighting():
   a = jax.random.normal(jax.random.PRNGKey(0), (k, 5))
   gram, losses = a @ a.T, jnp.arange(1.0, k + 1)
   state = sw.init({"x": jnp.zeros(())})
+  weigh = jax.jit(sw.weigh)  # one program: the index is a traced argument
   for i, m in enumerate(methods):
-    w, new = jax.jit(sw.weigh)(gram, losses, state._replace(index=jnp.asarray(i)))
+    w, new = weigh(gram, losses, state._replace(index=jnp.asarray(i, jnp.int32)))
     want, _ = m.weigh(gram, losses, m.init({"x": jnp.zeros(())}))
     np.testing.assert_allclose(w, want, rtol=1e-5, atol=1e-6)
     # only the selected method's state moved
