@@ -53,7 +53,8 @@ def make_setup(image_size: int = 32, batch_size: int = 16, num_tasks: int = 40,
   backbone = models.get("celeba_cnn", width=float(width_mult), image_size=int(image_size))
   tasks = [T.binary_task(f"attr_{k}") for k in range(int(num_tasks))]
   model = sharing.get("hard", backbone, tasks)
-  variables = model.init(jax.random.key(seed), backbone.sample_input())
+  # One compiled init instead of ~100 op-by-op dispatches (each a small compilation on first use).
+  variables = jax.jit(model.init)(jax.random.key(seed), backbone.sample_input())
   rs = np.random.RandomState(seed)
   batch = {
       "inputs": rs.rand(batch_size, image_size, image_size, 3).astype(np.float32),
