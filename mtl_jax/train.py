@@ -328,7 +328,9 @@ def init_state(config, model, bench, method: combiners.Method, tx, mesh):
   sample_fn = model.sample_input or bench.backbone.sample_input
   if sample_fn is None:
     raise ValueError(f"benchmark {bench.name!r}: its backbone has no sample_input for init")
-  variables = model.init(init_key, sample_fn())
+  sample = sample_fn()
+  # One compiled program: run eagerly, init dispatches (and compiles) each op on its own.
+  variables = jax.jit(lambda k: model.init(k, sample))(init_key)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   constants = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
