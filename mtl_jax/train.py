@@ -224,7 +224,9 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
   :attr:`mtl_jax.data.base.Benchmark.per_device_batches` loaders make for graph batches); each
   device drops that axis of its slice.
   """
-  constants = dict(constants or {})
+  # Host copies: a device array closed over by shard_map must not carry a sharding on the
+  # mesh's axes (JAX rejects closing over Explicit-axis arrays); numpy constants embed as-is.
+  constants = jax.tree.map(np.asarray, dict(constants or {}))
   if mode == "features":
     if multi_input:
       raise config_utils.ConfigError(

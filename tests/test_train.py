@@ -207,3 +207,12 @@ def test_launcher_config_errors_are_one_line(tmp_path, override, needle):
   assert len(err) == 1, proc.stderr
   assert err[0].startswith("error: ") and needle in err[0]
   assert "Traceback" not in proc.stderr
+
+
+def test_sparse_sharing_masks_are_closed_over_by_the_spmd_step():
+  # The sparse-sharing masks are a constant collection closed over by shard_map; device arrays
+  # sharded on the mesh could not be (JAX: "Closing over inputs to shard_map ... Explicit axes").
+  c = tiny(**{"model.sharing": "sparse", "combiner.name": "pcgrad"})
+  state, hist = train.run_steps(c, 2)
+  assert len(hist) == 2
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
