@@ -76,11 +76,7 @@ def simplex_minimize(f: Callable[[jax.Array], jax.Array], w0: jax.Array, iters: 
       l, n = c
       p = prox(l)
       d = p - y
-      fp = f(p)
-      # Tolerance at the float rounding level: once the predicted decrease is below it, the test
-      # only sees rounding noise and would double l up to 2^40, stalling short of the minimum.
-      tol = 16.0 * jnp.finfo(fy.dtype).eps * (jnp.abs(fy) + jnp.abs(fp))
-      return (fp > fy + gy @ d + 0.5 * l * (d @ d) + tol) & (n < 40)
+      return (f(p) > fy + gy @ d + 0.5 * l * (d @ d) + 1e-12 * jnp.abs(fy)) & (n < 40)
 
     lip, _ = jax.lax.while_loop(too_big, lambda c: (c[0] * 2.0, c[1] + 1), (lip, 0))
     w_new = prox(lip)
