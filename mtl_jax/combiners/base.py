@@ -36,13 +36,13 @@ naming the task and step before that happens; this is the guard for users of the
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
+from mtl_jax._choices import unknown as _unknown
 
 LOSSES = "losses"
 GRAMIAN = "gramian"
@@ -287,11 +287,6 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def _unknown(kind: str, name: str, valid) -> ValueError:
-  valid = sorted(valid)
-  close = difflib.get_close_matches(name, valid, n=1)
-  hint = f" (did you mean {close[0]!r}?)" if close else ""
-  return ValueError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(valid)}")
 
 
 def hparams(name: str) -> dict[str, Any]:

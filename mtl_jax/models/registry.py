@@ -5,11 +5,11 @@ Lives apart from ``models/__init__`` so backbone modules can import it without a
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Callable
 
 from mtl_jax.models.base import Backbone
+from mtl_jax._choices import unknown as _unknown
 
 _REGISTRY: dict[str, Callable[..., Backbone]] = {}
 
@@ -30,11 +30,6 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def _unknown(kind: str, name: str, valid) -> ValueError:
-  valid = sorted(valid)
-  close = difflib.get_close_matches(str(name), valid, n=1)
-  hint = f" (did you mean {close[0]!r}?)" if close else ""
-  return ValueError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(valid) or '(none)'}")
 
 
 def options(name: str) -> dict:

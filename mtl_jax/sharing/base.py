@@ -20,7 +20,6 @@ Gramian is over them); heads, attention modules, gates and per-task towers are t
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -28,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from mtl_jax._choices import unknown as _unknown
 
 PyTree = Any
 STATE_COLLECTIONS = ("batch_stats",)
@@ -269,11 +269,6 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def _unknown(kind: str, name: str, valid) -> ValueError:
-  valid = sorted(valid)
-  close = difflib.get_close_matches(str(name), valid, n=1)
-  hint = f" (did you mean {close[0]!r}?)" if close else ""
-  return ValueError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(valid) or '(none)'}")
 
 
 def options(name: str) -> dict:
