@@ -44,6 +44,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.models import conv
 from mtl_jax.combiners.base import (GRAMIAN, JACOBIAN, LOSSES, CombinerState, Method,
                                     all_finite, combine_jacobian, gramian_of, keep_if,
                                     resolve_mask, weighted_sum)
@@ -139,12 +140,15 @@ def combine(method: Method,
   if mode == "features":
     out = _features(method, state, loss_fn, params, args, mask, exact_axis)
   else:
-    if mode == "gramian":  # linearise once: the JVPs and the VJPs share the forward residuals
-      losses, jvp_fn, aux = jax.linearize(lambda p: loss_fn(p, *args), params, has_aux=True)
-      vjp_fn = jax.linear_transpose(jvp_fn, params)
-    else:
-      losses, vjp_fn, aux = jax.vjp(lambda p: loss_fn(p, *args), params, has_aux=True)
-      jvp_fn = None
+    losses, vjp_fn, aux = jax.vjp(lambda p: loss_fn(p, *args), params, has_aux=True)
+    jvp_fn = None
+    if mode == "gramian":
+      # The JVPs come from a forward-mode linearisation traced with plain convolutions, the VJPs
+      # from reverse mode with canonical-layout ones (mtl_jax.models.conv: inside the streaming
+      # loop JAX's own transposed convolutions run ~20x slower on XLA-CPU). The price is a second
+      # forward pass and its residuals.
+      with conv.forward_mode():
+        _, jvp_fn, _ = jax.linearize(lambda p: loss_fn(p, *args), params, has_aux=True)
     if losses.shape != (k,):
       raise ValueError(f"the loss function returned losses of shape {losses.shape}, expected ({k},)")
     glosses = _pmean(losses, exact_axis)

@@ -28,6 +28,7 @@ import numpy as np
 
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
+from mtl_jax.models.conv import Conv
 
 _BN = dict(momentum=0.9, epsilon=1e-5)
 
@@ -41,7 +42,7 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     for f in self.features:
-      x = nn.Conv(f, (3, 3), padding="SAME", use_bias=False)(x)
+      x = Conv(f, (3, 3), padding="SAME", use_bias=False)(x)
       x = base_batch_norm(train, **_BN)(x)
       x = nn.relu(x)
     if self.pool == "max":

@@ -36,6 +36,7 @@ import numpy as np
 
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
+from mtl_jax.models.conv import Conv
 
 
 def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
@@ -52,13 +53,13 @@ class Bottleneck(nn.Module):
   def __call__(self, x, train: bool):
     out = 4 * self.planes
     d = self.dilation
-    y = nn.relu(_bn(train)(nn.Conv(self.planes, (1, 1), use_bias=False)(x)))
-    y = nn.Conv(self.planes, (3, 3), strides=self.stride, padding=d, kernel_dilation=d,
+    y = nn.relu(_bn(train)(Conv(self.planes, (1, 1), use_bias=False)(x)))
+    y = Conv(self.planes, (3, 3), strides=self.stride, padding=d, kernel_dilation=d,
                 use_bias=False)(y)
     y = nn.relu(_bn(train)(y))
-    y = _bn(train)(nn.Conv(out, (1, 1), use_bias=False)(y))
+    y = _bn(train)(Conv(out, (1, 1), use_bias=False)(y))
     if self.stride != 1 or x.shape[-1] != out:
-      x = nn.Conv(out, (1, 1), strides=self.stride, use_bias=False, name="proj")(x)
+      x = Conv(out, (1, 1), strides=self.stride, use_bias=False, name="proj")(x)
       x = _bn(train, name="proj_bn")(x)
     return nn.relu(x + y)
 
@@ -76,7 +77,7 @@ class DilatedStage(nn.Module):
       x = jnp.asarray(x, jnp.float32)
       if x.ndim != 4:
         raise ValueError(f"dilated_resnet expects images [B, H, W, C], got shape {x.shape}")
-      x = nn.Conv(self.planes, (7, 7), strides=2, padding=3, use_bias=False, name="stem")(x)
+      x = Conv(self.planes, (7, 7), strides=2, padding=3, use_bias=False, name="stem")(x)
       x = nn.relu(_bn(train, name="stem_bn")(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i in range(self.num_blocks):
@@ -110,7 +111,7 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     pad = self.dilation * (self.kernel // 2)
-    x = nn.Conv(self.features, (self.kernel, self.kernel), padding=pad,
+    x = Conv(self.features, (self.kernel, self.kernel), padding=pad,
                 kernel_dilation=self.dilation, use_bias=False)(x)
     return nn.relu(_bn(train)(x))
 
@@ -145,7 +146,7 @@ class DeepLabHead(nn.Module):
   def __call__(self, x, train: bool = False):
     y = ASPP(self.rates, self.features, self.dropout)(x, train)
     y = ConvBNReLU(self.features, 3)(y, train)
-    y = nn.Conv(self.out_channels, (1, 1))(y)
+    y = Conv(self.out_channels, (1, 1))(y)
     size = self.out_size or (x.shape[1] * self.scale, x.shape[2] * self.scale)
     return resize_bilinear_align_corners(y, tuple(size))
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
+from mtl_jax.models.conv import Conv
 
 
 def _channel_dropout(module: nn.Module, x, rate: float, train: bool):
@@ -56,9 +57,9 @@ class LeNetConv(nn.Module):
       x = x[..., None]
     if x.ndim != 4:
       raise ValueError(f"lenet expects images [B, H, W] or [B, H, W, C], got shape {x.shape}")
-    x = nn.Conv(self.conv1, (5, 5), padding="VALID", name="conv1")(x)
+    x = Conv(self.conv1, (5, 5), padding="VALID", name="conv1")(x)
     x = nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
-    x = nn.Conv(self.conv2, (5, 5), padding="VALID", name="conv2")(x)
+    x = Conv(self.conv2, (5, 5), padding="VALID", name="conv2")(x)
     x = _channel_dropout(self, x, self.dropout, train)
     return nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
+from mtl_jax.models.conv import Conv
 
 
 def batch_norm(train: bool, name: str | None = None, scale_init=nn.initializers.ones) -> nn.BatchNorm:
@@ -41,12 +42,12 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = nn.Conv(self.features, (3, 3), strides=self.stride, padding=1, use_bias=False)(x)
+    y = Conv(self.features, (3, 3), strides=self.stride, padding=1, use_bias=False)(x)
     y = nn.relu(batch_norm(train)(y))
-    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False)(y)
+    y = Conv(self.features, (3, 3), padding=1, use_bias=False)(y)
     y = batch_norm(train)(y)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), strides=self.stride, use_bias=False, name="proj")(x)
+      x = Conv(self.features, (1, 1), strides=self.stride, use_bias=False, name="proj")(x)
       x = batch_norm(train, name="proj_bn")(x)
     return nn.relu(x + y)
 
@@ -65,7 +66,7 @@ class ResNetStage(nn.Module):
       x = jnp.asarray(x, jnp.float32)
       if x.ndim != 4:
         raise ValueError(f"resnet18 expects images [B, H, W, C], got shape {x.shape}")
-      x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, name="stem")(x)
+      x = Conv(self.features, (3, 3), padding=1, use_bias=False, name="stem")(x)
       x = nn.relu(batch_norm(train, name="stem_bn")(x))
     for i in range(self.num_blocks):
       x = BasicBlock(self.features, self.stride if i == 0 else 1)(x, train)

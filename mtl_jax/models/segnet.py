@@ -42,6 +42,7 @@ import numpy as np
 
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
+from mtl_jax.models.conv import Conv
 
 _ENC_CONVS = (2, 2, 3, 3, 3)
 _DEC_CONVS = (3, 3, 3, 2, 2)
@@ -76,7 +77,7 @@ class ConvBNReLU(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Conv(self.features, (3, 3), padding=1, kernel_init=nn.initializers.xavier_normal())(x)
+    x = Conv(self.features, (3, 3), padding=1, kernel_init=nn.initializers.xavier_normal())(x)
     x = base_batch_norm(train, momentum=0.9, epsilon=1e-5)(x)
     return nn.relu(x)
 
@@ -131,8 +132,8 @@ class ConvHead(nn.Module):
   def __call__(self, x, train: bool = False):
     del train
     init = nn.initializers.xavier_normal()
-    x = nn.Conv(self.hidden or x.shape[-1], (3, 3), padding=1, kernel_init=init)(x)
-    x = nn.Conv(self.out_channels, (1, 1), kernel_init=init)(x)
+    x = Conv(self.hidden or x.shape[-1], (3, 3), padding=1, kernel_init=init)(x)
+    x = Conv(self.out_channels, (1, 1), kernel_init=init)(x)
     if self.normalize:
       x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     return x

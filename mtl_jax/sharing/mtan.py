@@ -30,6 +30,7 @@ from mtl_jax.models.base import batch_norm as base_batch_norm
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.models.conv import Conv
 from mtl_jax.sharing.base import (Defs, MultiTaskModel, head_defs, path_mask, register, run,
                                   stage_defs)
 
@@ -53,7 +54,7 @@ class _Shared2Next(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     if x.ndim == 4:
-      x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=True)(x)
+      x = Conv(self.features, (3, 3), padding="SAME", use_bias=True)(x)
     else:
       x = nn.Dense(self.features)(x)
     return nn.relu(base_batch_norm(train, **_BN)(x))
