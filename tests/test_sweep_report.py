@@ -193,7 +193,7 @@ def test_report_files(fabricated):
   for piece in ("## Single-task baselines", "## Task mix: a+b", "Δm%", "mean rank",
                 "### Negative transfer", "**ls**: hurts 1/2 tasks: a (", "helps 1: b (",
                 "Tasks hurt by sharing under at least one method: a.", "### Overfitting",
-                "### Gradient conflict", "a–b (-0.30)", "+40.0% fewer", "(n=3)"):
+                "### Gradient conflict", "a–b (-0.30)", "| 40.0% fewer |", "(n=3)"):
     assert piece in md, piece
   pngs = [l.split("](")[1].rstrip(")") for l in md.splitlines() if l.startswith("![")]
   assert len(pngs) >= 5

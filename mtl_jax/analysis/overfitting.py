@@ -154,9 +154,20 @@ def run_curves(run: runs_lib.Run, higher_is_better, main_metric=None,
   return out
 
 
+def criteria(thresholds: Thresholds = Thresholds()) -> str:
+  """The flags' definitions, one sentence (a report states it once above the per-method lines)."""
+  th = thresholds
+  return (f"Early peak: best step in the first {th.early_frac:.0%} of the run and final value "
+          f">{th.drop_tol_pct:g}% worse than the best; overfit: early peak and a train/validation "
+          f"gap grown by >{th.gap_growth_pct:g}% of the best (when logged); oscillating: "
+          f">={th.min_reversals} reversals larger than {th.move_tol:.0%} of the best, or training-"
+          f"loss jitter > {th.jitter_tol:g}; a flag counts when a majority of seeds raise it.")
+
+
 def describe(method: str, curves_over_seeds: Sequence[Sequence[TaskCurve]],
-             thresholds: Thresholds = Thresholds()) -> str:
-  """One Markdown paragraph: the tasks flagged in a majority of seeds, with the thresholds."""
+             thresholds: Thresholds = Thresholds(), with_criteria: bool = True) -> str:
+  """One Markdown paragraph: the tasks flagged in a majority of seeds (and, with
+  ``with_criteria``, the flags' definitions of :func:`criteria`)."""
   flat: dict[str, list[TaskCurve]] = {}
   for curves in curves_over_seeds:
     for c in curves:
@@ -172,12 +183,7 @@ def describe(method: str, curves_over_seeds: Sequence[Sequence[TaskCurve]],
   gap_txt = ", ".join(f"{t} {np.median(g):+.3g}" for t, g in gaps.items() if g)
   gap_txt = (f" Final train/validation gap per task (median; + = better on training data): "
              f"{gap_txt}." if gap_txt else "")
-  th = thresholds
-  return (f"**{method}** ({n} seed{'s' if n != 1 else ''}): early-peaking tasks: "
+  text = (f"**{method}** ({n} seed{'s' if n != 1 else ''}): early-peaking tasks: "
           f"{', '.join(early) or 'none'}; overfitting: {', '.join(over) or 'none'}; oscillating: "
-          f"{', '.join(osc) or 'none'}. Median best-validation step per task: {peaks}.{gap_txt} "
-          f"(Early peak: best step in the first {th.early_frac:.0%} of the run and final value "
-          f">{th.drop_tol_pct:g}% worse than the best; overfit: early peak and a train/validation "
-          f"gap grown by >{th.gap_growth_pct:g}% of the best (when logged); oscillating: "
-          f">={th.min_reversals} reversals larger than {th.move_tol:.0%} of the best, or training-"
-          f"loss jitter > {th.jitter_tol:g}; a flag counts when a majority of seeds raise it.)")
+          f"{', '.join(osc) or 'none'}. Median best-validation step per task: {peaks}.{gap_txt}")
+  return text + (f" ({criteria(thresholds)})" if with_criteria else "")

@@ -79,6 +79,12 @@ def _mean_results(rs: Sequence[runs_lib.Run], tasks, metrics) -> dict:
           for t, ms in s.items()}
 
 
+def _reduction(params: float, stl_params: float) -> str:
+  """The multi-task model's size against K single-task models, e.g. ``66.6% fewer``."""
+  frac = 1 - params / stl_params
+  return f"{abs(frac) * 100:.1f}% {'fewer' if frac >= 0 else 'more'}"
+
+
 def _ms(x) -> tables.MeanStd:
   x = np.asarray([v for v in x if v is not None and math.isfinite(v)], np.float64)
   if x.size == 0:
@@ -235,8 +241,7 @@ def build_report(root: str, out: str, *, alpha: float = 0.05,
       steps_t = [s for s, _ in tt if s is not None]
       secs_t = [s for _, s in tt if s is not None]
       reached = f"{len(steps_t)}/{len(tt)}"
-      red = (f"{(1 - d['params'] / d['stl_params']) * 100:+.1f}% fewer" if d["stl_params"]
-             else "–")
+      red = (_reduction(d["params"], d["stl_params"]) if d["stl_params"] else "–")
       rows.append([f"{name} (n={len(d['runs'])})"] + [cols[t][i] for t in mix] +
                   [dm_cells[i], ranks[name], int(d["params"]), red, _ms(d["sps"]),
                    (f"{np.mean(steps_t):.0f} ({reached})" if steps_t else f"not reached ({reached})"),
@@ -301,11 +306,11 @@ def build_report(root: str, out: str, *, alpha: float = 0.05,
             "per-task change vs STL")
 
     # overfitting / instability
-    md += ["### Overfitting and instability", ""]
+    md += ["### Overfitting and instability", "", overfit_lib.criteria(thresholds), ""]
     of_num = {}
     for name, d in rows_data.items():
       curves = [overfit_lib.run_curves(r, hib, main, thresholds) for r in d["runs"]]
-      md.append("- " + overfit_lib.describe(name, curves, thresholds))
+      md.append("- " + overfit_lib.describe(name, curves, thresholds, with_criteria=False))
       of_num[name] = [[c.__dict__ for c in cs] for cs in curves]
     md.append("")
     numbers["mixes"][mix_label]["overfitting"] = of_num
