@@ -11,13 +11,15 @@ Modes (:func:`combine`):
 * ``jacobian``: the per-task gradients as ``jax.vmap`` of one VJP over the K one-hot cotangents
   (the fast Jacobian on XLA; ``lax.map`` over VJPs measured ~25x slower on CPU), the Gramian of its
   shared rows, the weights, and ``sum_k w_k g_k`` from the held Jacobian.
-* ``gramian``: the Gramian without the K x P Jacobian: the loss is linearised once, and for each
-  block of ``gramian_chunk`` tasks (default 1) the rows ``J_a`` (VJPs) are pushed forward again
-  (JVPs of the same linearisation) to give ``G[:, a] = J J_a^T``; only ``gramian_chunk`` rows ever
-  exist. The update is one more VJP with the weights. Memory ~ one backward pass plus
+* ``gramian``: the Gramian without the K x P Jacobian: for each block of ``gramian_chunk`` tasks
+  (default 1, one ``lax.scan`` step each) the rows ``J_a`` (VJPs) are pushed forward (JVPs of a
+  forward-mode linearisation of the loss) to give ``G[:, a] = J J_a^T``; only ``gramian_chunk``
+  rows ever exist. The update is one more VJP with the weights. Memory ~ one backward pass plus
   ``gramian_chunk`` gradients; arithmetic ~2x the vmapped Jacobian (one JVP per task on top of the
-  VJP). Measured in ``launch/benchmark.py`` (``docs/performance.md``): the ``jacobian`` mode is the
-  fast one, this the lean one.
+  VJP). The linearisation is traced with plain convolutions and the VJPs with the canonical-layout
+  ones of :mod:`mtl_jax.models.conv` (JAX's transposed convolutions run ~20x slower inside a loop
+  on XLA-CPU). Measured in ``launch/benchmark.py`` (``docs/performance.md``): the ``jacobian`` mode
+  is the fast one, this the lean one.
 * ``features``: the Jacobian of the losses w.r.t. the shared representation ``z`` (K x B x D,
   the decoder's backward only), its Gramian, the weights, then one backward pass through the
   encoder with the weighted cotangent: about the cost of one backward pass.
