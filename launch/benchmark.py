@@ -158,9 +158,12 @@ def _step_args(p: argparse.ArgumentParser):
   p.add_argument("--gramian_chunk", type=int, default=1)
   p.add_argument("--update_weights_every", type=int, default=4,
                  help="n of the Nash-MTL update_weights_every measurement (0: skip)")
-  p.add_argument("--devices", default="1,2,4",
+  p.add_argument("--every_modes", default="jacobian",
+                 help="engine modes of the update_weights_every measurement (jacobian,gramian)")
+  p.add_argument("--devices", default="1,2",
                  help="forced CPU device counts for the scaling runs (subprocesses)")
-  p.add_argument("--step_ks", default="10,20", help="task counts for the step-vs-K scaling")
+  p.add_argument("--step_ks", default="10,20",
+                 help="task counts for the step-vs-K scaling of the Jacobian-only step")
   p.add_argument("--nash_ks", default="2,4,8,16,32,40,64")
   p.add_argument("--nash_repeats", type=int, default=20)
   p.add_argument("--compile_threads", type=int, default=2)
@@ -178,7 +181,14 @@ def _default_modes(method, all_modes: bool):
 
 
 def _programs(setup, names, args, mesh):
-  """The compiled programs to time: ``{label: dict(step, state, rows=[(combiner, mode, index)])}``."""
+  """The compiled programs to time: ``{label: dict(step, state, rows=[(combiner, mode, index)])}``.
+
+  Weightings that the engine runs alike (one ``needs`` and ``specific``) share one program per mode
+  through :func:`mtl_jax.bench_utils.switch_method`: compilation, not running, is most of this
+  benchmark's time on a CPU. Each Jacobian aggregator has its own program (its memory is its own).
+  LS has its own program (the reference of the loss-based rows and of the plain-step bound);
+  the exact Nash-MTL reference is its row in the jacobian-mode switch program.
+  """
   from mtl_jax import bench_utils as bu, combiners
   k = setup.num_tasks
   progs = {}
@@ -188,25 +198,21 @@ def _programs(setup, names, args, mesh):
   progs["jacobian_only"] = dict(step=step, state=state, rows=[], heavy=True)
   step, state = bu.engine_step(setup, combiners.method("ls", k), "losses", mesh)
   progs["ls"] = dict(step=step, state=state, rows=[("ls", "losses", None)], heavy=False)
-  if "nash_mtl" in names:
-    step, state = bu.engine_step(setup, combiners.method("nash_mtl", k), "jacobian", mesh)
-    progs["nash_mtl"] = dict(step=step, state=state, rows=[("nash_mtl", "jacobian", None)],
-                             heavy=True)
-    n = int(args.update_weights_every)
-    if n > 1:
-      for mode in HEAVY_MODES:
-        m = combiners.method("nash_mtl", k, update_weights_every=n)
-        step, state = bu.engine_step(setup, m, mode, mesh, args.gramian_chunk)
-        progs[f"nash_every_{mode}"] = dict(step=step, state=state, rows=[], heavy=True)
+  n = int(args.update_weights_every)
+  if "nash_mtl" in names and n > 1:
+    for mode in _csv(args.every_modes):
+      m = combiners.method("nash_mtl", k, update_weights_every=n)
+      step, state = bu.engine_step(setup, m, mode, mesh, args.gramian_chunk)
+      progs[f"nash_every_{mode}"] = dict(step=step, state=state, rows=[], heavy=True)
   groups = {}
   for name in names:
     m = combiners.method(name, k)
     for mode in _default_modes(m, args.all_modes):
-      if (name, mode) in (("ls", "losses"), ("nash_mtl", "jacobian")):
-        continue  # their own programs above
+      if (name, mode) == ("ls", "losses"):
+        continue  # its own program above
       if m.is_weighting:
         groups.setdefault((m.needs, m.specific, mode), []).append((name, m))
-      else:
+      else:  # an aggregator: its own program (a shared one would report the union's memory)
         step, state = bu.engine_step(setup, m, mode, mesh)
         progs[f"{name}/{mode}"] = dict(step=step, state=state, rows=[(name, mode, None)],
                                        heavy=mode in HEAVY_MODES)
@@ -231,6 +237,15 @@ def _compile_all(progs, batch, rng, threads):
   with ThreadPoolExecutor(max(int(threads), 1)) as pool:
     for label, compiled, secs in pool.map(one, list(progs.items())):
       progs[label].update(compiled=compiled, compile_s=secs, memory=bu.memory_mb(compiled))
+
+
+def _select(prog, index):
+  """The program's state with the switch index set to ``index`` (None: its own method)."""
+  from mtl_jax import bench_utils as bu
+  state = prog["state"]
+  if index is None:
+    return state
+  return state._replace(combiner_state=bu.select(state.combiner_state, index))
 
 
 def _interleaved(fns: dict, repeats: int) -> dict:
@@ -274,9 +289,14 @@ def step_benchmark(args) -> dict:
   run = lambda label, state=None: (
       lambda: progs[label]["compiled"](state or progs[label]["state"], setup.batch, rng))
 
-  # References, interleaved: plain flax, LS, Jacobian-only, exact Nash-MTL.
-  refs = [label for label in ("plain", "ls", "jacobian_only", "nash_mtl") if label in progs]
-  ref_s = _interleaved({label: run(label) for label in refs}, args.repeats)
+  # References, interleaved: plain flax, LS, Jacobian-only, exact Nash-MTL (jacobian mode).
+  ref_fns = {label: run(label) for label in ("plain", "ls", "jacobian_only")}
+  nash_at = next(((label, index) for label, p in progs.items() for c, mode, index in p["rows"]
+                  if (c, mode) == ("nash_mtl", "jacobian")), None)
+  if nash_at is not None:
+    label, index = nash_at
+    ref_fns["nash_mtl"] = run(label, _select(progs[label], index))
+  ref_s = _interleaved(ref_fns, args.repeats)
   ls_s, jac_s = ref_s["ls"], ref_s["jacobian_only"]
   mem_ls = progs["ls"]["memory"].get("peak", float("nan"))
 
@@ -291,16 +311,17 @@ def step_benchmark(args) -> dict:
         "compile_s": progs[label]["compile_s"]})
 
   add_row("ls", "losses", ls_s, "ls", args.repeats)
-  if "nash_mtl" in progs:
-    add_row("nash_mtl", "jacobian", ref_s["nash_mtl"], "nash_mtl", args.repeats)
+  if nash_at is not None:
+    add_row("nash_mtl", "jacobian", ref_s["nash_mtl"], nash_at[0], args.repeats)
   for label, p in progs.items():
-    if label in ("plain", "jacobian_only", "ls", "nash_mtl") or label.startswith("nash_every"):
+    if label in ("plain", "jacobian_only", "ls") or label.startswith("nash_every"):
       continue
     reps = args.heavy_repeats if p["heavy"] else args.repeats
-    warmed = False
+    warmed = label == (nash_at or (None,))[0]  # the references ran it already
     for combiner, mode, index in p["rows"]:
-      state = p["state"] if index is None else p["state"]._replace(
-          combiner_state=bu.select(p["state"].combiner_state, index))
+      if (combiner, mode) == ("nash_mtl", "jacobian"):
+        continue  # timed with the references
+      state = _select(p, index)
       times = bu.time_calls(run(label, state), reps, warmup=0 if warmed else 1)
       warmed = True
       add_row(combiner, mode, bu.median(times), label, reps)
@@ -342,19 +363,16 @@ def step_benchmark(args) -> dict:
   nash_solve_ms = {str(kk): v["median_ms"] for kk, v in solve.items()}
 
   # Scaling with K (fresh setups) and with the device count (subprocesses).
-  scaling_k = {str(k): {"ls_s": ls_s, "jacobian_s": jac_s}}
+  scaling_k = {str(k): {"jacobian_s": jac_s}}
   for kk in _csv(args.step_ks, int):
     if kk == k:
       continue
     sk = bu.make_setup(args.image_size, args.batch, kk, args.width_mult, args.seed)
     sk.batch = bu.put_batch(sk.batch, mesh)
-    fns = {}
-    for label, (step, state) in {
-        "ls_s": bu.engine_step(sk, combiners.method("ls", kk), "losses", mesh),
-        "jacobian_s": bu.jacobian_step(sk)}.items():
-      compiled, _ = bu.compile_step(step, state, sk.batch, rng)
-      fns[label] = (lambda c=compiled, s=state: c(s, sk.batch, rng))
-    scaling_k[str(kk)] = _interleaved(fns, max(args.repeats // 2, 1))
+    step, state = bu.jacobian_step(sk)
+    compiled, _ = bu.compile_step(step, state, sk.batch, rng)
+    scaling_k[str(kk)] = _interleaved(
+        {"jacobian_s": lambda c=compiled, s=state: c(s, sk.batch, rng)}, max(args.repeats // 2, 1))
   scaling_devices = {}
   for nd in _csv(args.devices, int):
     if nd == 1:
@@ -502,8 +520,8 @@ def format_step_report(report: dict) -> str:
   for mode, e in report["nash_update_weights_every"].items():
     lines.append(f"Nash-MTL update_weights_every={e['n']} ({mode}): mean {e['mean_step_s']:.3f} s/step"
                  f" (fresh {e['fresh_step_s']:.3f} s, reuse {e['reuse_step_s']:.3f} s)")
-  lines.append("step vs K: " + ", ".join(
-      f"K={kk}: LS {v['ls_s']:.3f} s, Jacobian {v['jacobian_s']:.3f} s"
+  lines.append("Jacobian-only step vs K: " + ", ".join(
+      f"K={kk}: {v['jacobian_s']:.3f} s"
       for kk, v in report["scaling_k"].items()))
   lines.append("step vs devices: " + ", ".join(f"{nd}: {v}" for nd, v in
                                                report["scaling_devices"].items()))

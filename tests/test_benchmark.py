@@ -67,7 +67,7 @@ def test_step_benchmark_rows_schema_nash_scaling_and_checks(tmp_path):
   assert all(v["kkt_residual"] <= 1e-3 for v in report["nash_solve"].values())
   assert set(report["scaling_k"]) == {"2", "3"}
   assert set(report["scaling_devices"]) == {"1"}
-  assert set(report["nash_update_weights_every"]) == {"gramian", "jacobian"}
+  assert set(report["nash_update_weights_every"]) == {"jacobian"}  # --every_modes default
   names = [c["name"] for c in report["checks"]]
   assert any("plain flax" in n for n in names)
   assert any("gramian-mode peak memory" in n for n in names)
