@@ -218,7 +218,10 @@ def contract_program(name):
     return state0, cases, engine, shard, ext
 
   on_mesh = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, P("data")))
-  return modes, lambda params, x, y, *rest: jax.jit(program)(params, x, y, on_mesh(x),
+  # This file's cost is compiling 24 such programs, not running them: compile without LLVM's
+  # optimisation passes (same semantics, a fraction of the compile time), as test_sharing does.
+  fast_compile = jax.jit(program, compiler_options={"xla_backend_optimization_level": 0})
+  return modes, lambda params, x, y, *rest: fast_compile(params, x, y, on_mesh(x),
                                                             on_mesh(y), *rest)
 
 
