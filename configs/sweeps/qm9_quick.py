@@ -6,12 +6,9 @@
 Base: ``configs/ls_qm9.py:quick`` (MPNN width 32 on bonded graphs, batch 64, Adam 1e-3, targets
 standardised; test MAE in the paper's units; selection by validation Δm%).
 
-Sized for under an hour on 2 idle CPU cores. Measured here, on 2 cores shared with seven other
-jobs (load average about 15): 4 to 5 minutes per run (start-up: reading the featurised QM9
-cache, compiling the step and the evaluation, about 1.5 minutes; then 150 steps at 0.6-1.6
-steps/s), so the 16 runs would take 65-80 minutes under that load (the measured session ran the
-seed-0 runs, 9 of the 16, plus one seed-1 baseline). Start-up and step costs scale with the load;
-an idle machine should need a fraction of that, which was not measured here.
+Sized for under an hour on 2 CPU cores. Measured on the idle 2-core machine with the QM9 cache
+built: 11 min 47 s for the 16 runs (single-task 21-31 s each, LS/UW 28-37 s, PCGrad/MGDA/Nash-MTL
+62-80 s: start-up, compilation, 150 steps and 3 evaluations); ``launch/report.py`` 10.5 s.
 
 * **Task subset**: 3 of the 11 targets, ``mu`` (dipole moment), ``homo`` (an orbital energy) and
   ``U0`` (an atomization energy), one of each kind. All 11 would need 22 single-task runs for two
