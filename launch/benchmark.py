@@ -317,7 +317,7 @@ def step_benchmark(args) -> dict:
     if label in ("plain", "jacobian_only", "ls") or label.startswith("nash_every"):
       continue
     reps = args.heavy_repeats if p["heavy"] else args.repeats
-    warmed = label == (nash_at or (None,))[0]  # the references ran it already
+    warmed = nash_at is not None and label == nash_at[0]  # the references ran it already
     for combiner, mode, index in p["rows"]:
       if (combiner, mode) == ("nash_mtl", "jacobian"):
         continue  # timed with the references

@@ -55,7 +55,7 @@ class Bottleneck(nn.Module):
     d = self.dilation
     y = nn.relu(_bn(train)(Conv(self.planes, (1, 1), use_bias=False)(x)))
     y = Conv(self.planes, (3, 3), strides=self.stride, padding=d, kernel_dilation=d,
-                use_bias=False)(y)
+             use_bias=False)(y)
     y = nn.relu(_bn(train)(y))
     y = _bn(train)(Conv(out, (1, 1), use_bias=False)(y))
     if self.stride != 1 or x.shape[-1] != out:
@@ -112,7 +112,7 @@ class ConvBNReLU(nn.Module):
   def __call__(self, x, train: bool):
     pad = self.dilation * (self.kernel // 2)
     x = Conv(self.features, (self.kernel, self.kernel), padding=pad,
-                kernel_dilation=self.dilation, use_bias=False)(x)
+             kernel_dilation=self.dilation, use_bias=False)(x)
     return nn.relu(_bn(train)(x))
 
 
