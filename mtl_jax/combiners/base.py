@@ -143,10 +143,16 @@ def resolve_mask(shared_mask, tree) -> PyTree:
   return mask
 
 
-def gramian_of(jac: PyTree, mask: PyTree) -> jax.Array:
-  """K x K Gramian of the shared rows of a K-leading Jacobian tree (non-shared leaves ignored)."""
+def gramian_of(jac: PyTree, mask: PyTree, task_axis: int = 0) -> jax.Array:
+  """K x K Gramian of the shared rows of a Jacobian tree (non-shared leaves ignored).
+
+  ``task_axis`` is where each leaf holds the K tasks: 0 (the contract's K-leading layout) or -1
+  (task-minor, what the engine's ``jacobian`` mode builds for weightings: on XLA-CPU the Gramian of
+  a task-minor 40 x 5.2M Jacobian costs about half as much as of a K-leading one).
+  """
+  _check_task_axis(task_axis)
   terms = [
-      _leaf_gramian(j)
+      _leaf_gramian(j, task_axis)
       for j, m in zip(jax.tree.leaves(jac), jax.tree.leaves(mask)) if m
   ]
   if not terms:
@@ -154,25 +160,52 @@ def gramian_of(jac: PyTree, mask: PyTree) -> jax.Array:
   return sum(terms[1:], terms[0])
 
 
-def _leaf_gramian(j: jax.Array) -> jax.Array:
-  j = j.reshape(j.shape[0], -1).astype(jnp.float32)
-  return jnp.dot(j, j.T, precision=jax.lax.Precision.HIGHEST)
+def _check_task_axis(task_axis):
+  if task_axis not in (0, -1):
+    raise ValueError(f"task_axis must be 0 (K-leading) or -1 (task-minor), got {task_axis!r}")
 
 
-def weighted_sum(weights: jax.Array, jac_leaf: jax.Array) -> jax.Array:
-  return jnp.tensordot(weights.astype(jac_leaf.dtype), jac_leaf, axes=1)
+def _leaf_gramian(j: jax.Array, task_axis: int = 0) -> jax.Array:
+  hi = jax.lax.Precision.HIGHEST
+  if task_axis == 0:
+    j = j.reshape(j.shape[0], -1).astype(jnp.float32)
+    return jnp.dot(j, j.T, precision=hi)
+  j = j.reshape(-1, j.shape[-1]).astype(jnp.float32)
+  return jnp.dot(j.T, j, precision=hi)
 
 
-def combine_jacobian(method: Method, weights, jac: PyTree, mask: PyTree) -> PyTree:
+def weighted_sum(weights: jax.Array, jac_leaf: jax.Array, task_axis: int = 0) -> jax.Array:
+  """``sum_k w_k J[k]`` for a leaf with the K tasks on ``task_axis`` (0 or -1).
+
+  A dot, not ``jnp.sum(w * J, axis=0)``: XLA-CPU's reduction over the leading axis of a held
+  40 x 5.2M Jacobian took 4 s, the dot 0.05 s.
+  """
+  _check_task_axis(task_axis)
+  w = weights.astype(jac_leaf.dtype)
+  if task_axis == 0:
+    return jnp.tensordot(w, jac_leaf, axes=1)
+  return jnp.tensordot(jac_leaf, w, axes=1)
+
+
+def combine_jacobian(method: Method, weights, jac: PyTree, mask: PyTree,
+                     task_axis: int = 0) -> PyTree:
   """``sum_k w_k g_k`` on shared leaves, ``sum_k v_k g_k`` on task-specific leaves."""
   specific = method.specific_weights(weights)
   return jax.tree.map(
-      lambda j, m: weighted_sum(weights if m else specific, j), jac, mask)
+      lambda j, m: weighted_sum(weights if m else specific, j, task_axis), jac, mask)
 
 
 def all_finite(*trees) -> jax.Array:
+  """One boolean: every element of every leaf is finite.
+
+  The per-leaf flags are counted with a dot product, not ``jnp.all(jnp.stack(...))``: XLA turns a
+  reduction of stacked scalars into a chain of ``and``s and copies that whole chain into every
+  fusion that consumes the result (``jnp.where(ok, ...)`` leaf by leaf), which on the CelebA CNN
+  made the optimised step 5x larger and its compilation seconds longer. A dot is kept as one value.
+  """
   leaves = [x for t in trees for x in jax.tree.leaves(t)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+  flags = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).astype(jnp.float32)
+  return jnp.dot(flags, jnp.ones_like(flags)) == flags.shape[0]
 
 
 def keep_if(ok, new, old):
