@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from mtl_jax import autodiff
 from mtl_jax.combiners.base import GRAMIAN, JACOBIAN, LOSSES, EmptyState, Method
@@ -217,3 +218,25 @@ def test_trainer_picks_the_jacobian_mode_when_it_fits_the_budget():
   mask = {"a": True, "b": False}
   assert train.auto_gramian_mode(4, params, mask, budget_mb=4.0) == "jacobian"
   assert train.auto_gramian_mode(5, params, mask, budget_mb=4.0) == "gramian"
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 5), shape=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+       seed=st.integers(0, 2**16))
+def test_task_minor_gramian_and_weighted_sum_match_the_task_leading_layout(k, shape, seed):
+  # The engine's jacobian mode holds a weighting's Jacobian task-minor; the maths must not change.
+  from mtl_jax.combiners.base import gramian_of, weighted_sum
+  rs = np.random.RandomState(seed)
+  jac = {"a": rs.randn(k, *shape).astype(np.float32), "b": rs.randn(k, 3).astype(np.float32)}
+  mask = {"a": True, "b": True}
+  minor = jax.tree.map(lambda j: jnp.moveaxis(j, 0, -1), jac)
+  rows = np.concatenate([jac["a"].reshape(k, -1), jac["b"]], axis=1)
+  np.testing.assert_allclose(gramian_of(minor, mask, task_axis=-1), rows @ rows.T,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gramian_of(jac, mask), rows @ rows.T, rtol=1e-5, atol=1e-5)
+  w = rs.randn(k).astype(np.float32)
+  for name in jac:
+    np.testing.assert_allclose(weighted_sum(w, minor[name], task_axis=-1),
+                               weighted_sum(w, jac[name]), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="task_axis must be 0"):
+    gramian_of(jac, mask, task_axis=1)
