@@ -166,7 +166,9 @@ def _step_args(p: argparse.ArgumentParser):
                  help="task counts for the step-vs-K scaling of the Jacobian-only step")
   p.add_argument("--nash_ks", default="2,4,8,16,32,40,64")
   p.add_argument("--nash_repeats", type=int, default=20)
-  p.add_argument("--compile_threads", type=int, default=2)
+  p.add_argument("--compile_threads", type=int, default=0,
+                 help="programs compiled at once (0: 1 under mtl_jax.host_malloc's single malloc "
+                 "arena, where two compiling threads contend for it, else 2)")
   p.add_argument("--seed", type=int, default=0)
 
 
@@ -283,8 +285,10 @@ def step_benchmark(args) -> dict:
   mesh = bu.mesh_of(1)
   setup.batch = bu.put_batch(setup.batch, mesh)
   progs = _programs(setup, names, args, mesh)
-  print(f"compiling {len(progs)} programs ...", flush=True)
-  _compile_all(progs, setup.batch, rng, args.compile_threads)
+  threads = args.compile_threads or (
+      1 if "glibc.malloc.arena_max=1" in os.environ.get("GLIBC_TUNABLES", "") else 2)
+  print(f"compiling {len(progs)} programs ({threads} at a time) ...", flush=True)
+  _compile_all(progs, setup.batch, rng, threads)
   compile_s = time.perf_counter() - t_start
   run = lambda label, state=None: (
       lambda: progs[label]["compiled"](state or progs[label]["state"], setup.batch, rng))
@@ -302,13 +306,14 @@ def step_benchmark(args) -> dict:
 
   rows = []
 
-  def add_row(combiner, mode, step_s, label, repeats):
+  def add_row(combiner, mode, step_s, label, repeats, jac_ref_s=None, faults=None):
     mem = progs[label]["memory"]
+    ref = jac_ref_s or jac_s
     rows.append({
         "combiner": combiner, "mode": mode, "step_s": step_s, "ratio_to_ls": step_s / ls_s,
-        "ratio_to_jacobian": step_s / jac_s, "peak_mem_mb": mem.get("peak", float("nan")),
-        "memory_mb": mem, "program": label, "repeats": repeats,
-        "compile_s": progs[label]["compile_s"]})
+        "ratio_to_jacobian": step_s / ref, "jacobian_ref_s": ref,
+        "peak_mem_mb": mem.get("peak", float("nan")), "memory_mb": mem, "program": label,
+        "repeats": repeats, "compile_s": progs[label]["compile_s"], "minor_faults": faults})
 
   add_row("ls", "losses", ls_s, "ls", args.repeats)
   if nash_at is not None:
@@ -318,14 +323,23 @@ def step_benchmark(args) -> dict:
       continue
     reps = args.heavy_repeats if p["heavy"] else args.repeats
     warmed = nash_at is not None and label == nash_at[0]  # the references ran it already
+    # A heavy program's rows are divided by a Jacobian-only call timed just before them: the
+    # machine's speed drifts over a run by more than the 5% bound being checked.
+    jac_ref = bu.median(bu.time_calls(run("jacobian_only"), 1, warmup=0)) if p["heavy"] else None
     for combiner, mode, index in p["rows"]:
       if (combiner, mode) == ("nash_mtl", "jacobian"):
         continue  # timed with the references
       state = _select(p, index)
-      times = bu.time_calls(run(label, state), reps, warmup=0 if warmed else 1)
+      if not warmed:
+        bu.block(run(label, state)())
+      f0 = bu.minor_faults()
+      times = bu.time_calls(run(label, state), reps, warmup=0)
+      faults = (bu.minor_faults() - f0) // max(int(reps), 1)
       warmed = True
-      add_row(combiner, mode, bu.median(times), label, reps)
-      print(f"  {combiner:<12} {mode:<9} {rows[-1]['step_s']:8.3f} s", flush=True)
+      add_row(combiner, mode, bu.median(times), label, reps, jac_ref, faults)
+      print(f"  {combiner:<12} {mode:<9} {rows[-1]['step_s']:8.3f} s"
+            + (f"  / Jacobian-only {rows[-1]['ratio_to_jacobian']:.3f}" if jac_ref else ""),
+            flush=True)
 
   # The weighting's own cost, isolated: Gramian of the held Jacobian, weigh, weighted sum.
   jac, losses = run("jacobian_only")()
@@ -353,7 +367,9 @@ def step_benchmark(args) -> dict:
     if label not in progs:
       continue
     p = progs[label]
-    times, _ = bu.time_threaded(p["compiled"], p["state"], setup.batch, rng, 2 * n)
+    # One warm-up cycle (a fresh and n-1 reusing steps: both branches run once), then 2n steps.
+    _, warm = bu.time_threaded(p["compiled"], p["state"], setup.batch, rng, n)
+    times, _ = bu.time_threaded(p["compiled"], warm, setup.batch, rng, 2 * n)
     nash_every[mode] = {"n": n, "mean_step_s": float(sum(times) / len(times)),
                         "fresh_step_s": float(max(times)), "reuse_step_s": bu.median(times),
                         "peak_mem_mb": p["memory"].get("peak", float("nan"))}
@@ -453,6 +469,7 @@ def _machine() -> dict:
   return {"platform": platform.platform(), "processor": platform.processor(),
           "cpu_count": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
           "devices": len(jax.devices()), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
           "load_before": os.getloadavg()}
 
 
@@ -556,4 +573,6 @@ def main(argv: Optional[Sequence[str]] = None):
 
 if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from mtl_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  host_malloc.reexec_if_useful()  # glibc malloc tunables for XLA-CPU steps (MTL_JAX_MALLOC=0: off)
   main()

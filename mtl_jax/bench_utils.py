@@ -231,6 +231,15 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list:
   return times
 
 
+def minor_faults() -> int:
+  """This process's minor page faults so far (0 where ``resource`` is missing)."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return 0
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
 def median(xs) -> float:
   return float(statistics.median(xs))
 

@@ -57,7 +57,12 @@ def test_step_benchmark_rows_schema_nash_scaling_and_checks(tmp_path):
     for key in ("step_s", "ratio_to_ls", "ratio_to_jacobian", "peak_mem_mb"):
       assert np.isfinite(r[key]) and r[key] > 0, (r["combiner"], r["mode"], key)
     assert r["ratio_to_ls"] == pytest.approx(r["step_s"] / report["references"]["ls_s"])
-    assert r["ratio_to_jacobian"] == pytest.approx(r["step_s"] / report["references"]["jacobian_s"])
+    assert r["ratio_to_jacobian"] == pytest.approx(r["step_s"] / r["jacobian_ref_s"])
+    if r["mode"] in ("gramian", "jacobian") and r["minor_faults"] is not None:
+      # heavy rows: divided by a Jacobian-only call timed next to them (the machine drifts)
+      assert r["minor_faults"] >= 0 and r["jacobian_ref_s"] > 0
+    else:  # the cheap rows and Nash-MTL's reference row: the interleaved reference
+      assert r["jacobian_ref_s"] == report["references"]["jacobian_s"]
     mem = r["memory_mb"]
     assert r["peak_mem_mb"] == pytest.approx(mem["temp"] + mem["argument"] + mem["output"])
 
