@@ -170,6 +170,9 @@ def _step_args(p: argparse.ArgumentParser):
                  help="programs compiled at once (0: 1 under mtl_jax.host_malloc's single malloc "
                  "arena, where two compiling threads contend for it, else 2)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--xla_option", action="append", default=[], metavar="KEY=VALUE",
+                 help="XLA option for every compiled step, e.g. xla_backend_optimization_level=0 "
+                 "(repeatable; VALUE is JSON)")
 
 
 def _default_modes(method, all_modes: bool):
@@ -227,13 +230,13 @@ def _programs(setup, names, args, mesh):
   return progs
 
 
-def _compile_all(progs, batch, rng, threads):
+def _compile_all(progs, batch, rng, threads, options=None):
   from concurrent.futures import ThreadPoolExecutor
   from mtl_jax import bench_utils as bu
 
   def one(item):
     label, p = item
-    compiled, secs = bu.compile_step(p["step"], p["state"], batch, rng)
+    compiled, secs = bu.compile_step(p["step"], p["state"], batch, rng, options)
     return label, compiled, secs
 
   with ThreadPoolExecutor(max(int(threads), 1)) as pool:
@@ -276,6 +279,7 @@ def step_benchmark(args) -> dict:
   nash_module = importlib.import_module("mtl_jax.combiners.nash_mtl")
 
   t_start = time.perf_counter()
+  load_before = os.getloadavg()
   names = _csv(args.combiners) or combiners.names()
   for n in names:
     combiners.method(n, 2)  # unknown names fail here, listing the valid ones
@@ -288,7 +292,8 @@ def step_benchmark(args) -> dict:
   threads = args.compile_threads or (
       1 if "glibc.malloc.arena_max=1" in os.environ.get("GLIBC_TUNABLES", "") else 2)
   print(f"compiling {len(progs)} programs ({threads} at a time) ...", flush=True)
-  _compile_all(progs, setup.batch, rng, threads)
+  options = _parse_options(args.xla_option)
+  _compile_all(progs, setup.batch, rng, threads, options)
   compile_s = time.perf_counter() - t_start
   run = lambda label, state=None: (
       lambda: progs[label]["compiled"](state or progs[label]["state"], setup.batch, rng))
@@ -386,7 +391,7 @@ def step_benchmark(args) -> dict:
     sk = bu.make_setup(args.image_size, args.batch, kk, args.width_mult, args.seed)
     sk.batch = bu.put_batch(sk.batch, mesh)
     step, state = bu.jacobian_step(sk)
-    compiled, _ = bu.compile_step(step, state, sk.batch, rng)
+    compiled, _ = bu.compile_step(step, state, sk.batch, rng, options)
     scaling_k[str(kk)] = _interleaved(
         {"jacobian_s": lambda c=compiled, s=state: c(s, sk.batch, rng)}, max(args.repeats // 2, 1))
   scaling_devices = {}
@@ -435,8 +440,8 @@ def step_benchmark(args) -> dict:
   report = {
       "config": {key: getattr(args, key) for key in (
           "image_size", "batch", "num_tasks", "width_mult", "repeats", "heavy_repeats",
-          "gramian_chunk", "update_weights_every", "seed")},
-      "machine": _machine(),
+          "gramian_chunk", "update_weights_every", "seed", "xla_option")},
+      "machine": dict(_machine(), load_before=load_before),
       "num_params": bu.num_params(setup.params),
       "rows": rows,
       "references": {"plain_s": ref_s["plain"], "ls_s": ls_s, "jacobian_s": jac_s,
@@ -469,8 +474,7 @@ def _machine() -> dict:
   return {"platform": platform.platform(), "processor": platform.processor(),
           "cpu_count": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
           "devices": len(jax.devices()), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-          "load_before": os.getloadavg()}
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def _device_subprocess(num_devices: int, args) -> dict:

@@ -194,10 +194,13 @@ def jacobian_step(setup: Setup):
 # Measuring.
 
 
-def compile_step(step, state, batch, rng):
-  """``(compiled, compile seconds)``; the compiled function runs ``(state, batch, rng)``."""
+def compile_step(step, state, batch, rng, compiler_options=None):
+  """``(compiled, compile seconds)``; the compiled function runs ``(state, batch, rng)``.
+
+  ``compiler_options``: XLA debug options for this program only (``{"xla_cpu_...": value}``).
+  """
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, rng).compile()
+  compiled = step.lower(state, batch, rng).compile(compiler_options=compiler_options or None)
   return compiled, time.perf_counter() - t0
 
 
