@@ -1,9 +1,9 @@
 """The ``:smoke`` config variants run end to end through the launcher's code path (issue 5).
 
-One subprocess (JAX starts once) loads a representative subset of the shipped smoke configs, one
-per data module — CelebA (tfds mock), digits (real, offline), NYUv2 (fabricated dense arrays),
-CoNLL-2003 (tfds mock, token tasks), GLUE (tfds mock, multi-input) and QM9 (fabricated molecules)
-— and runs each as ``launch/train.py`` does (``train.build`` then ``train.fit``) for 2 steps with
+Two subprocesses (JAX starts once in each) load a representative subset of the shipped smoke
+configs, one per data module — CelebA (tfds mock), digits (real, offline), NYUv2 (fabricated dense
+arrays), CoNLL-2003 (tfds mock, token tasks), GLUE (tfds mock, multi-input) and QM9 (fabricated
+molecules) — and run each as ``launch/train.py`` does (``train.build`` then ``train.fit``) for 2 steps with
 one evaluation and one checkpoint, in its own workdir. The test checks that each run writes a
 ``summary.json`` whose selected test metrics name every task of the config with finite values.
 
@@ -16,6 +16,8 @@ import math
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,17 +63,26 @@ def _is_finite_number(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_smoke_configs_run_end_to_end(tmp_path):
+# Two subprocesses of three configs each, so that pytest-xdist can put them on different workers.
+GROUPS = (("ls_celeba", "nash_digits", "nash_nyuv2"), ("nash_conll", "nash_glue", "ls_qm9"))
+
+
+def test_groups_cover_every_case():
+  assert sorted(n for g in GROUPS for n in g) == sorted(CASES)
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=lambda g: "+".join(g))
+def test_smoke_configs_run_end_to_end(tmp_path, group):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  script = SCRIPT % {"root": ROOT, "names": list(CASES), "tmp": str(tmp_path)}
+  script = SCRIPT % {"root": ROOT, "names": list(group), "tmp": str(tmp_path)}
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                         timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
   results = json.loads(line[len("RESULT "):])
-  assert sorted(results) == sorted(CASES)
-  for name, expected in CASES.items():
-    r = results[name]
+  assert sorted(results) == sorted(group)
+  for name in group:
+    expected, r = CASES[name], results[name]
     assert r["step"] == 2 and r["returned_step"] == 2, name
     assert r["num_params"] > 0, name
     assert r["tasks"] == expected, name
