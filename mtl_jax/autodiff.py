@@ -209,19 +209,19 @@ def _fresh_step(method, mode, state, glosses, vjp_fn, jvp_fn, mask, exact_axis, 
     weights, ok = _guard(weights, ok)
     update = _weighted_vjp(method, vjp_fn, weights.astype(glosses.dtype), mask)
     return update, glosses, weights, gram, new, ok
+  # Weightings hold the Jacobian task-minor (each leaf (..., K)): its Gramian and weighted sum are
+  # cheaper on XLA-CPU than the K-leading layout's (CelebA CNN, K=40: the Gramian adds 3% to the
+  # Jacobian step instead of 5-8%; docs/performance.md). Aggregators get the K-leading rows their
+  # contract promises.
+  axis = -1 if method.is_weighting else 0
+  jac = _pmean(_rows(vjp_fn, glosses, task_axis=axis), exact_axis)
+  gram = gramian_of(jac, mask, task_axis=axis)
   if method.is_weighting:
-    # Task-minor Jacobian (each leaf (..., K)): its Gramian and weighted sum are cheaper on XLA-CPU
-    # than the K-leading layout's; measured on the CelebA CNN at K=40, the Gramian adds 3% to the
-    # Jacobian step instead of 5-8% (docs/performance.md).
-    jac = _pmean(_rows(vjp_fn, glosses, task_axis=-1), exact_axis)
-    gram = gramian_of(jac, mask, task_axis=-1)
     ok = all_finite(glosses, gram)
     weights, new = method.weigh(gram, glosses, state.method)
     weights, ok = _guard(weights, ok)
-    update = combine_jacobian(method, weights, jac, mask, task_axis=-1)
+    update = combine_jacobian(method, weights, jac, mask, task_axis=axis)
     return update, glosses, weights, gram, new, ok
-  jac = _pmean(_rows(vjp_fn, glosses), exact_axis)
-  gram = gramian_of(jac, mask)
   # an aggregator; the Gramian is for the statistics (cheap next to the Jacobian)
   shared_jac = jax.tree.map(lambda j, m: j if m else None, jac, mask)
   ok = all_finite(glosses, shared_jac)
@@ -304,11 +304,9 @@ def _features(method, state, split: SplitLoss, params, args, mask, exact_axis):
   else:
     eye = jnp.eye(k, dtype=losses.dtype)
     jz = jax.vmap(lambda c: dec_vjp(c)[1])(eye)
-    gram = sum(
-        jnp.dot(j.reshape(k, -1), j.reshape(k, -1).T, precision=jax.lax.Precision.HIGHEST)
-        for j in jax.tree.leaves(jz))
+    gram = gramian_of(jz, resolve_mask(None, jz))
     if exact_axis is not None:
-      size = jax.lax.psum(1, exact_axis)
+      size = _axis_size(exact_axis)
       gram = jax.lax.psum(gram, exact_axis) / (size * size)
     ok = all_finite(glosses, gram)
   weights, new = method.weigh(gram, glosses, state.method)

@@ -65,7 +65,7 @@ def reexec_if_useful() -> None:
   environ = tuned_environ()
   if environ is None:
     return
-  argv = list(getattr(sys, "orig_argv", [])) or [sys.executable] + sys.argv
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable] + argv[1:], environ)
+  # sys.orig_argv (Python >= 3.10) keeps the interpreter options too (-m module, -u, ...).
+  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], environ)
