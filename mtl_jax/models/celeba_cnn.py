@@ -29,6 +29,7 @@ import numpy as np
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
 from mtl_jax.models.conv import Conv
+from mtl_jax.models.pool import max_pool
 
 _BN = dict(momentum=0.9, epsilon=1e-5)
 
@@ -46,7 +47,7 @@ class ConvBlock(nn.Module):
       x = base_batch_norm(train, **_BN)(x)
       x = nn.relu(x)
     if self.pool == "max":
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x, (2, 2), strides=(2, 2))
     elif self.pool == "global":
       x = jnp.mean(x, axis=(1, 2))
     return x

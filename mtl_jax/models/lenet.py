@@ -34,6 +34,7 @@ import numpy as np
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
 from mtl_jax.models.conv import Conv
+from mtl_jax.models.pool import max_pool
 
 
 def _channel_dropout(module: nn.Module, x, rate: float, train: bool):
@@ -58,10 +59,10 @@ class LeNetConv(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"lenet expects images [B, H, W] or [B, H, W, C], got shape {x.shape}")
     x = Conv(self.conv1, (5, 5), padding="VALID", name="conv1")(x)
-    x = nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
+    x = nn.relu(max_pool(x, (2, 2), strides=(2, 2)))
     x = Conv(self.conv2, (5, 5), padding="VALID", name="conv2")(x)
     x = _channel_dropout(self, x, self.dropout, train)
-    return nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
+    return nn.relu(max_pool(x, (2, 2), strides=(2, 2)))
 
 
 class LeNetDense(nn.Module):
