@@ -73,13 +73,6 @@ def untuned_environ(environ: Optional[Mapping[str, str]] = None) -> dict:
   return environ
 
 
-def single_arena(environ: Optional[Mapping[str, str]] = None) -> bool:
-  """Whether this process runs with one malloc arena (threads then contend for it)."""
-  environ = os.environ if environ is None else environ
-  tunables = dict(t.split("=", 1) for t in environ.get("GLIBC_TUNABLES", "").split(":") if "=" in t)
-  return tunables.get("glibc.malloc.arena_max") == "1"
-
-
 def reexec_if_useful() -> None:
   """Re-execute this process (same interpreter, options and arguments) with the tunables set.
 
