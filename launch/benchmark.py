@@ -27,10 +27,13 @@ shapes only (``jax.eval_shape``), so even large backbones cost seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
@@ -133,6 +136,10 @@ BOUNDS = {
     "ls_overhead": 1.10,  # LS through the engine / plain flax step
 }
 HEAVY_MODES = ("gramian", "jacobian")
+# Estimated compile seconds of a program (2-core CPU, CelebA CNN, K=40), for sharing the programs
+# out to the compile workers; "devices" is the forced-device subprocess's two programs.
+COMPILE_COST = {"gramian": 28, "jacobian": 20, "features": 19, "losses": 12, "plain": 7,
+                "devices": 45}
 
 
 def _csv(text, cast=str):
@@ -145,9 +152,11 @@ def _step_args(p: argparse.ArgumentParser):
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--num_tasks", type=int, default=40)
   p.add_argument("--width_mult", type=float, default=1.0)
-  p.add_argument("--repeats", type=int, default=5,
-                 help="timed calls of the reference steps (LS, plain, Jacobian-only, Nash-MTL) and "
-                 "of every step in the cheap modes (losses, features)")
+  p.add_argument("--ref_repeats", type=int, default=5,
+                 help="timed calls of the reference steps (LS, plain, Jacobian-only, exact "
+                 "Nash-MTL), interleaved")
+  p.add_argument("--repeats", type=int, default=3,
+                 help="timed calls of every step in the cheap modes (losses, features)")
   p.add_argument("--heavy_repeats", type=int, default=1,
                  help="timed calls per combiner in the gramian/jacobian modes (after one warm-up "
                  "per compiled program)")
@@ -166,13 +175,18 @@ def _step_args(p: argparse.ArgumentParser):
                  help="task counts for the step-vs-K scaling of the Jacobian-only step")
   p.add_argument("--nash_ks", default="2,4,8,16,32,40,64")
   p.add_argument("--nash_repeats", type=int, default=20)
-  p.add_argument("--compile_threads", type=int, default=0,
-                 help="programs compiled at once (0: 1 under mtl_jax.host_malloc's single malloc "
-                 "arena, where two compiling threads contend for it, else 2)")
+  p.add_argument("--compile_workers", type=int, default=2,
+                 help="processes that compile the programs into JAX's persistent compilation cache "
+                 "while this one traces them; this process then loads them from the cache (0: "
+                 "compile here, one at a time)")
+  p.add_argument("--compile_cache", default="",
+                 help="persistent compilation cache directory to use and keep (default: a temporary "
+                 "one, removed after the run); a rerun with the same one compiles nothing")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--xla_option", action="append", default=[], metavar="KEY=VALUE",
+  p.add_argument("--compiler_option", action="append", default=[], metavar="KEY=VALUE",
                  help="XLA option for every compiled step, e.g. xla_backend_optimization_level=0 "
-                 "(repeatable; VALUE is JSON)")
+                 "(repeatable; VALUE is JSON). Not spelled --xla_...: JAX puts every command-line "
+                 "argument that starts with --xla into its compilation-cache key")
 
 
 def _default_modes(method, all_modes: bool):
@@ -185,8 +199,10 @@ def _default_modes(method, all_modes: bool):
   return ("jacobian",)
 
 
-def _programs(setup, names, args, mesh):
-  """The compiled programs to time: ``{label: dict(step, state, rows=[(combiner, mode, index)])}``.
+def _program_specs(names, args) -> dict:
+  """The programs to time, unbuilt: ``{label: dict(make, rows=[(combiner, mode, index)], heavy,
+  cost, k)}``; ``make(setup, mesh)`` returns ``(jitted step, initial state)`` for the setup with
+  ``k`` tasks. Cheap (no model): the compile workers are planned and started from it.
 
   Weightings that the engine runs alike (one ``needs`` and ``specific``) share one program per mode
   through :func:`mtl_jax.bench_utils.switch_method`: compilation, not running, is most of this
@@ -195,20 +211,28 @@ def _programs(setup, names, args, mesh):
   the exact Nash-MTL reference is its row in the jacobian-mode switch program.
   """
   from mtl_jax import bench_utils as bu, combiners
-  k = setup.num_tasks
-  progs = {}
-  step, state = bu.plain_step(setup)
-  progs["plain"] = dict(step=step, state=state, rows=[], heavy=False)
-  step, state = bu.jacobian_step(setup)
-  progs["jacobian_only"] = dict(step=step, state=state, rows=[], heavy=True)
-  step, state = bu.engine_step(setup, combiners.method("ls", k), "losses", mesh)
-  progs["ls"] = dict(step=step, state=state, rows=[("ls", "losses", None)], heavy=False)
+  k = int(args.num_tasks)
+  specs = {}
+
+  def add(label, make, rows=(), heavy=False, cost=COMPILE_COST["losses"], kk=k):
+    specs[label] = dict(make=make, rows=list(rows), heavy=heavy, cost=cost, k=kk)
+
+  engine = lambda m, mode, chunk=1: (
+      lambda setup, mesh: bu.engine_step(setup, m, mode, mesh, chunk))
+  add("plain", lambda setup, mesh: bu.plain_step(setup), cost=COMPILE_COST["plain"])
+  add("jacobian_only", lambda setup, mesh: bu.jacobian_step(setup), heavy=True,
+      cost=COMPILE_COST["plain"])
+  add("ls", engine(combiners.method("ls", k), "losses"), [("ls", "losses", None)])
   n = int(args.update_weights_every)
   if "nash_mtl" in names and n > 1:
     for mode in _csv(args.every_modes):
       m = combiners.method("nash_mtl", k, update_weights_every=n)
-      step, state = bu.engine_step(setup, m, mode, mesh, args.gramian_chunk)
-      progs[f"nash_every_{mode}"] = dict(step=step, state=state, rows=[], heavy=True)
+      add(f"nash_every_{mode}", engine(m, mode, args.gramian_chunk), heavy=True,
+          cost=COMPILE_COST[mode] + COMPILE_COST["losses"])
+  for kk in _csv(args.step_ks, int):  # the Jacobian-only step at other task counts
+    if kk != k:
+      add(f"scale_k:{kk}", lambda setup, mesh: bu.jacobian_step(setup),
+          cost=COMPILE_COST["plain"], kk=kk)
   groups = {}
   for name in names:
     m = combiners.method(name, k)
@@ -218,30 +242,174 @@ def _programs(setup, names, args, mesh):
       if m.is_weighting:
         groups.setdefault((m.needs, m.specific, mode), []).append((name, m))
       else:  # an aggregator: its own program (a shared one would report the union's memory)
-        step, state = bu.engine_step(setup, m, mode, mesh)
-        progs[f"{name}/{mode}"] = dict(step=step, state=state, rows=[(name, mode, None)],
-                                       heavy=mode in HEAVY_MODES)
+        add(f"{name}/{mode}", engine(m, mode), [(name, mode, None)], mode in HEAVY_MODES,
+            COMPILE_COST[mode])
   for (needs, specific, mode), members in groups.items():
     sw = bu.switch_method([m for _, m in members])
-    step, state = bu.engine_step(setup, sw, mode, mesh, args.gramian_chunk)
-    progs[f"switch:{needs}/{specific}/{mode}"] = dict(
-        step=step, state=state, rows=[(n, mode, i) for i, (n, _) in enumerate(members)],
-        heavy=mode in HEAVY_MODES)
-  return progs
+    add(f"switch:{needs}/{specific}/{mode}", engine(sw, mode, args.gramian_chunk),
+        [(n, mode, i) for i, (n, _) in enumerate(members)], mode in HEAVY_MODES,
+        COMPILE_COST[mode])
+  return specs
 
 
-def _compile_all(progs, batch, rng, threads, options=None):
-  from concurrent.futures import ThreadPoolExecutor
+def _names(args) -> list:
+  from mtl_jax import combiners
+  names = _csv(args.combiners) or combiners.names()
+  for n in names:
+    combiners.method(n, 2)  # unknown names fail here, listing the valid ones
+  return names
+
+
+def _build(args, specs: dict, labels=None):
+  """``(setup, mesh, rng, programs)``: the programs of ``specs`` (or of ``labels`` only) built
+  alike in every process -- ``{label: spec + dict(step, state, batch)}``."""
+  import jax
   from mtl_jax import bench_utils as bu
+  mesh = bu.mesh_of(1)
+  setups = {}
 
-  def one(item):
-    label, p = item
-    compiled, secs = bu.compile_step(p["step"], p["state"], batch, rng, options)
-    return label, compiled, secs
+  def setup_for(k):
+    if k not in setups:
+      setups[k] = bu.make_setup(args.image_size, args.batch, k, args.width_mult, args.seed)
+      setups[k].batch = bu.put_batch(setups[k].batch, mesh)
+    return setups[k]
 
-  with ThreadPoolExecutor(max(int(threads), 1)) as pool:
-    for label, compiled, secs in pool.map(one, list(progs.items())):
-      progs[label].update(compiled=compiled, compile_s=secs, memory=bu.memory_mb(compiled))
+  setup = setup_for(int(args.num_tasks))
+  progs = {}
+  for label, spec in specs.items():
+    if labels is None or label in labels:
+      sk = setup_for(spec["k"])
+      step, state = spec["make"](sk, mesh)
+      progs[label] = dict(spec, step=step, state=state, batch=sk.batch)
+  return setup, mesh, jax.random.key(args.seed), progs
+
+
+@contextlib.contextmanager
+def _use_cache(cache_dir: str):
+  """JAX's persistent compilation cache in ``cache_dir`` for every program compiled inside; the
+  previous settings after. JAX decides once per process whether it uses the cache (at its first
+  compilation), so the decision is reset on entry and on exit (a test runner has compiled
+  before)."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  before = {name: getattr(jax.config, name) for name in names}
+  for name, value in zip(names, (cache_dir, 0.0, 0)):
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    for name, value in before.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+def _cache_environ(environ: dict, cache_dir: str) -> dict:
+  environ = dict(environ)
+  environ.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  environ.setdefault("JAX_PLATFORMS", "cpu")
+  return environ
+
+
+def _assign(specs: dict, workers: int, fixed_jobs: Sequence[tuple]) -> list:
+  """Longest-processing-time assignment of the programs (by their estimated compile cost) and of
+  the indivisible ``fixed_jobs`` (``(cost, job)``) to ``workers`` job lists."""
+  slots = [[0.0, [], []] for _ in range(max(int(workers), 1))]  # load, labels, other jobs
+  items = [(cost, None, job) for cost, job in fixed_jobs]
+  items += [(spec["cost"], label, None) for label, spec in specs.items()]
+  for cost, label, job in sorted(items, key=lambda t: -t[0]):
+    slot = min(slots, key=lambda sl: sl[0])
+    slot[0] += cost
+    if label is None:
+      slot[2].append(job)
+    else:
+      slot[1].append(label)
+  return [(labels, jobs) for _, labels, jobs in slots if labels or jobs]
+
+
+def _run_job(cmd, environ) -> str:
+  import subprocess
+  out = subprocess.run(cmd, env=environ, capture_output=True, text=True, check=False)
+  if out.returncode != 0:
+    tail = "\n".join(out.stderr.strip().splitlines()[-5:])
+    raise RuntimeError(f"compile worker {' '.join(cmd[2:4])} failed (exit {out.returncode}):\n{tail}")
+  return out.stdout
+
+
+def _start_workers(specs, args, cache_dir):
+  """Start the compile workers (threads that run worker processes) on ``specs``; returns a
+  function that waits for them and returns ``(compile seconds by label, worker setup seconds,
+  device-program compile seconds)``."""
+  from concurrent.futures import ThreadPoolExecutor
+  from mtl_jax import host_malloc
+  # Workers run without this process's single-arena malloc (mtl_jax.host_malloc): XLA compiles on
+  # a thread pool, and under one arena its threads contend (18 s vs 13 s per step program).
+  env = _cache_environ(host_malloc.untuned_environ(), cache_dir)
+  devices = [(COMPILE_COST["devices"], ("devices", nd)) for nd in _csv(args.devices, int)
+             if nd > 1]
+  plan = _assign(specs, args.compile_workers, devices)
+  step_argv = list(args.argv)
+
+  def work(labels, jobs):
+    out = {}
+    if labels:
+      cmd = [sys.executable, os.path.abspath(__file__), "_compile", *step_argv,
+             "--labels=" + "|".join(labels)]
+      out.update(json.loads(_run_job(cmd, env).strip().splitlines()[-1]))
+    for _, nd in jobs:
+      cmd, denv = _device_command(nd, args, compile_only=True)
+      t = time.perf_counter()
+      _run_job(cmd, dict(env, XLA_FLAGS=denv["XLA_FLAGS"]))
+      out.setdefault("_devices", {})[str(nd)] = time.perf_counter() - t
+    return out
+
+  pool = ThreadPoolExecutor(len(plan))
+  futures = [pool.submit(work, labels, jobs) for labels, jobs in plan]
+
+  def wait():
+    compiled, builds, devices_s = {}, [], {}
+    try:
+      for f in futures:
+        result = f.result()
+        builds.append(result.pop("_build"))
+        devices_s.update(result.pop("_devices", {}))
+        compiled.update(result)
+    finally:
+      pool.shutdown(cancel_futures=True)
+    return compiled, builds, devices_s
+
+  return wait
+
+
+def _compile_all(progs, rng, options, wait_for_workers=None):
+  """Compile every program: trace each here, then (with workers) wait for them to put the
+  executables into the persistent cache and load them from it. Returns the compile report."""
+  import jax
+  from mtl_jax import bench_utils as bu
+  t0 = time.perf_counter()
+  hits = []
+  listener = lambda event, **kw: hits.append(event) if event.endswith("/cache_hits") else None
+  jax.monitoring.register_event_listener(listener)
+  try:
+    for p in progs.values():  # trace while the workers compile
+      p["lowered"] = p["step"].lower(p["state"], p["batch"], rng)
+    worker_s, builds, device_s = wait_for_workers() if wait_for_workers else ({}, [], {})
+    wait_s = time.perf_counter() - t0
+    load_s = {}
+    for label, p in progs.items():
+      t = time.perf_counter()
+      compiled = p.pop("lowered").compile(compiler_options=options or None)
+      load_s[label] = time.perf_counter() - t
+      p.update(compiled=compiled, memory=bu.memory_mb(compiled),
+               compile_s=worker_s.get(label) or load_s[label])
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+  return {"programs": len(progs), "cache_hits": len(hits), "worker_compile_s": worker_s,
+          "worker_setup_s": builds, "devices_compile_s": device_s,
+          "trace_and_wait_s": wait_s, "load_s": load_s}
 
 
 def _select(prog, index):
@@ -253,8 +421,9 @@ def _select(prog, index):
   return state._replace(combiner_state=bu.select(state.combiner_state, index))
 
 
-def _interleaved(fns: dict, repeats: int) -> dict:
-  """Median seconds of each callable, timed round-robin (A/B interleaved) after one warm-up each."""
+def _interleaved(fns: dict, repeats: int, calls: Optional[dict] = None) -> dict:
+  """Median seconds of each callable, timed round-robin (A/B interleaved) after one warm-up each;
+  every call's seconds go to ``calls`` when given."""
   from mtl_jax import bench_utils as bu
   for fn in fns.values():
     bu.block(fn())
@@ -262,6 +431,8 @@ def _interleaved(fns: dict, repeats: int) -> dict:
   for _ in range(max(int(repeats), 1)):
     for name, fn in fns.items():
       times[name] += bu.time_calls(fn, 1, warmup=0)
+  if calls is not None:
+    calls.update(times)
   return {name: bu.median(t) for name, t in times.items()}
 
 
@@ -272,31 +443,45 @@ def _check(checks, name, value, bound, lower_is_better=True, note=""):
 
 
 def step_benchmark(args) -> dict:
-  import jax
-  import jax.numpy as jnp
-  from mtl_jax import bench_utils as bu, combiners
   # combiners.nash_mtl is the registered constructor; the module holds the timing helper.
   nash_module = importlib.import_module("mtl_jax.combiners.nash_mtl")
 
   t_start = time.perf_counter()
   load_before = os.getloadavg()
-  names = _csv(args.combiners) or combiners.names()
-  for n in names:
-    combiners.method(n, 2)  # unknown names fail here, listing the valid ones
-  setup = bu.make_setup(args.image_size, args.batch, args.num_tasks, args.width_mult, args.seed)
-  k = setup.num_tasks
-  rng = jax.random.key(args.seed)
-  mesh = bu.mesh_of(1)
-  setup.batch = bu.put_batch(setup.batch, mesh)
-  progs = _programs(setup, names, args, mesh)
-  threads = args.compile_threads or (
-      1 if "glibc.malloc.arena_max=1" in os.environ.get("GLIBC_TUNABLES", "") else 2)
-  print(f"compiling {len(progs)} programs ({threads} at a time) ...", flush=True)
-  options = _parse_options(args.xla_option)
-  _compile_all(progs, setup.batch, rng, threads, options)
+  cache_dir = args.compile_cache or (
+      tempfile.mkdtemp(prefix="mtl_jax_bench_cache_") if int(args.compile_workers) > 0 else "")
+  try:
+    with _use_cache(cache_dir) if cache_dir else contextlib.nullcontext():
+      return _step_benchmark(args, cache_dir, load_before, t_start, nash_module)
+  finally:
+    if cache_dir and not args.compile_cache:
+      shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _step_benchmark(args, cache_dir, load_before, t_start, nash_module):
+  names = _names(args)
+  specs = _program_specs(names, args)
+  workers = int(args.compile_workers)
+  print(f"compiling {len(specs)} programs "
+        + (f"in {workers} worker processes ..." if workers else "here ..."), flush=True)
+  # The workers start first: this process builds the model and traces meanwhile.
+  wait = _start_workers(specs, args, cache_dir) if workers else None
+  setup, _, rng, progs = _build(args, specs)
+  compile_report = _compile_all(progs, rng, _parse_options(args.compiler_option), wait)
   compile_s = time.perf_counter() - t_start
+  compile_report.update(workers=workers, wall_s=compile_s)
+  return _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_s,
+                  load_before, t_start, nash_module)
+
+
+def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_s, load_before,
+             t_start, nash_module):
+  import jax
+  import jax.numpy as jnp
+  from mtl_jax import bench_utils as bu, combiners
+  k = setup.num_tasks
   run = lambda label, state=None: (
-      lambda: progs[label]["compiled"](state or progs[label]["state"], setup.batch, rng))
+      lambda: progs[label]["compiled"](state or progs[label]["state"], progs[label]["batch"], rng))
 
   # References, interleaved: plain flax, LS, Jacobian-only, exact Nash-MTL (jacobian mode).
   ref_fns = {label: run(label) for label in ("plain", "ls", "jacobian_only")}
@@ -305,7 +490,17 @@ def step_benchmark(args) -> dict:
   if nash_at is not None:
     label, index = nash_at
     ref_fns["nash_mtl"] = run(label, _select(progs[label], index))
-  ref_s = _interleaved(ref_fns, args.repeats)
+  phases = {}
+  mark = [time.perf_counter()]
+
+  def phase(name):  # seconds since the previous phase ended
+    now = time.perf_counter()
+    phases[name] = now - mark[0]
+    mark[0] = now
+
+  ref_calls = {}
+  ref_s = _interleaved(ref_fns, args.ref_repeats, ref_calls)
+  phase("references")
   ls_s, jac_s = ref_s["ls"], ref_s["jacobian_only"]
   mem_ls = progs["ls"]["memory"].get("peak", float("nan"))
 
@@ -320,20 +515,26 @@ def step_benchmark(args) -> dict:
         "peak_mem_mb": mem.get("peak", float("nan")), "memory_mb": mem, "program": label,
         "repeats": repeats, "compile_s": progs[label]["compile_s"], "minor_faults": faults})
 
-  add_row("ls", "losses", ls_s, "ls", args.repeats)
+  add_row("ls", "losses", ls_s, "ls", args.ref_repeats)
   if nash_at is not None:
-    add_row("nash_mtl", "jacobian", ref_s["nash_mtl"], nash_at[0], args.repeats)
+    add_row("nash_mtl", "jacobian", ref_s["nash_mtl"], nash_at[0], args.ref_repeats)
   for label, p in progs.items():
-    if label in ("plain", "jacobian_only", "ls") or label.startswith("nash_every"):
+    if label in ("plain", "jacobian_only", "ls") or label.startswith(("nash_every", "scale_k:")):
       continue
     reps = args.heavy_repeats if p["heavy"] else args.repeats
     warmed = nash_at is not None and label == nash_at[0]  # the references ran it already
-    # A heavy program's rows are divided by a Jacobian-only call timed just before them: the
-    # machine's speed drifts over a run by more than the 5% bound being checked.
-    jac_ref = bu.median(bu.time_calls(run("jacobian_only"), 1, warmup=0)) if p["heavy"] else None
-    for combiner, mode, index in p["rows"]:
-      if (combiner, mode) == ("nash_mtl", "jacobian"):
-        continue  # timed with the references
+    # The rows that carry the 5% bound (Gramian weightings, jacobian mode) are divided by the
+    # median of Jacobian-only calls timed between them, one after every two rows: the machine's
+    # speed drifts over a run, and single calls vary by ~2%, both near the bound. Other heavy rows
+    # are divided by the interleaved reference.
+    bound = label.startswith("switch:") and label.endswith("/jacobian")
+    ref_times = []
+    time_ref = lambda: ref_times.extend(bu.time_calls(run("jacobian_only"), 1, warmup=0))
+    pending = []
+    timed = [r for r in p["rows"] if (r[0], r[1]) != ("nash_mtl", "jacobian")]  # Nash: above
+    if bound and timed:
+      time_ref()
+    for i, (combiner, mode, index) in enumerate(timed):
       state = _select(p, index)
       if not warmed:
         bu.block(run(label, state)())
@@ -341,18 +542,27 @@ def step_benchmark(args) -> dict:
       times = bu.time_calls(run(label, state), reps, warmup=0)
       faults = (bu.minor_faults() - f0) // max(int(reps), 1)
       warmed = True
-      add_row(combiner, mode, bu.median(times), label, reps, jac_ref, faults)
-      print(f"  {combiner:<12} {mode:<9} {rows[-1]['step_s']:8.3f} s"
+      pending.append((combiner, mode, bu.median(times), faults))
+      if bound and (i % 2 == 1 or i == len(timed) - 1):
+        time_ref()
+    jac_ref = bu.median(ref_times) if ref_times else None
+    for combiner, mode, step_s, faults in pending:
+      add_row(combiner, mode, step_s, label, reps, jac_ref, faults)
+      print(f"  {combiner:<12} {mode:<9} {step_s:8.3f} s"
             + (f"  / Jacobian-only {rows[-1]['ratio_to_jacobian']:.3f}" if jac_ref else ""),
             flush=True)
 
-  # The weighting's own cost, isolated: Gramian of the held Jacobian, weigh, weighted sum.
+  phase("rows")
+  # The weighting's own cost, isolated: Gramian of the held Jacobian, weigh, weighted sum -- on
+  # the task-minor Jacobian, the layout the engine's jacobian mode holds for weightings.
   jac, losses = run("jacobian_only")()
-  gram_fn = jax.jit(lambda j: combiners.base.gramian_of(j, setup.mask))
+  jac = jax.jit(lambda j: jax.tree.map(lambda x: jnp.moveaxis(x, 0, -1), j))(jac)
+  gram_fn = jax.jit(lambda j: combiners.base.gramian_of(j, setup.mask, task_axis=-1))
   gram = gram_fn(jac)
   gramian_ms = 1e3 * bu.median(bu.time_calls(lambda: gram_fn(jac), args.repeats))
   ls_method = combiners.method("ls", k)
-  sum_fn = jax.jit(lambda w, j: combiners.base.combine_jacobian(ls_method, w, j, setup.mask))
+  sum_fn = jax.jit(lambda w, j: combiners.base.combine_jacobian(ls_method, w, j, setup.mask,
+                                                                task_axis=-1))
   combine_ms = 1e3 * bu.median(bu.time_calls(lambda: sum_fn(jnp.ones((k,)), jac), args.repeats))
   del jac
   weigh = {}
@@ -364,6 +574,7 @@ def step_benchmark(args) -> dict:
     if row["combiner"] in weigh:
       row["weigh_ms"] = weigh[row["combiner"]]
 
+  phase("isolated weighting costs")
   # Nash-MTL with update_weights_every = n: the average over 2n consecutive steps.
   nash_every = {}
   n = int(args.update_weights_every)
@@ -373,34 +584,33 @@ def step_benchmark(args) -> dict:
       continue
     p = progs[label]
     # One warm-up cycle (a fresh and n-1 reusing steps: both branches run once), then 2n steps.
-    _, warm = bu.time_threaded(p["compiled"], p["state"], setup.batch, rng, n)
-    times, _ = bu.time_threaded(p["compiled"], warm, setup.batch, rng, 2 * n)
+    _, warm = bu.time_threaded(p["compiled"], p["state"], p["batch"], rng, n)
+    times, _ = bu.time_threaded(p["compiled"], warm, p["batch"], rng, 2 * n)
     nash_every[mode] = {"n": n, "mean_step_s": float(sum(times) / len(times)),
                         "fresh_step_s": float(max(times)), "reuse_step_s": bu.median(times),
                         "peak_mem_mb": p["memory"].get("peak", float("nan"))}
 
+  phase("update_weights_every")
   # Nash-MTL's solve alone.
   solve = nash_module.nash_solve_timing(_csv(args.nash_ks, int), repeats=args.nash_repeats)
   nash_solve_ms = {str(kk): v["median_ms"] for kk, v in solve.items()}
 
-  # Scaling with K (fresh setups) and with the device count (subprocesses).
+  phase("Nash-MTL solve")
+  # Scaling with K (programs compiled with the others) and with the device count (subprocesses,
+  # their programs in the compile cache).
   scaling_k = {str(k): {"jacobian_s": jac_s}}
-  for kk in _csv(args.step_ks, int):
-    if kk == k:
-      continue
-    sk = bu.make_setup(args.image_size, args.batch, kk, args.width_mult, args.seed)
-    sk.batch = bu.put_batch(sk.batch, mesh)
-    step, state = bu.jacobian_step(sk)
-    compiled, _ = bu.compile_step(step, state, sk.batch, rng, options)
-    scaling_k[str(kk)] = _interleaved(
-        {"jacobian_s": lambda c=compiled, s=state: c(s, sk.batch, rng)}, max(args.repeats // 2, 1))
+  for label in progs:
+    if label.startswith("scale_k:"):
+      scaling_k[label.split(":")[1]] = _interleaved({"jacobian_s": run(label)},
+                                                     max(args.repeats // 2, 1))
   scaling_devices = {}
   for nd in _csv(args.devices, int):
     if nd == 1:
       scaling_devices["1"] = {"ls_s": ls_s, "nash_mtl_s": ref_s.get("nash_mtl")}
       continue
-    scaling_devices[str(nd)] = _device_subprocess(nd, args)
+    scaling_devices[str(nd)] = _device_subprocess(nd, args, cache_dir)
 
+  phase("scaling")
   checks = []
   by = {(r["combiner"], r["mode"]): r for r in rows}
   for (c, mode), r in sorted(by.items()):
@@ -439,12 +649,14 @@ def step_benchmark(args) -> dict:
 
   report = {
       "config": {key: getattr(args, key) for key in (
-          "image_size", "batch", "num_tasks", "width_mult", "repeats", "heavy_repeats",
-          "gramian_chunk", "update_weights_every", "seed", "xla_option")},
+          "image_size", "batch", "num_tasks", "width_mult", "ref_repeats", "repeats",
+          "heavy_repeats",
+          "gramian_chunk", "update_weights_every", "seed", "compiler_option")},
       "machine": dict(_machine(), load_before=load_before),
       "num_params": bu.num_params(setup.params),
       "rows": rows,
-      "references": {"plain_s": ref_s["plain"], "ls_s": ls_s, "jacobian_s": jac_s,
+      "references": {"calls_s": ref_calls, "plain_s": ref_s["plain"], "ls_s": ls_s,
+                     "jacobian_s": jac_s,
                      "nash_mtl_s": ref_s.get("nash_mtl"), "gramian_ms": gramian_ms,
                      "weighted_sum_ms": combine_ms,
                      "plain_peak_mem_mb": progs["plain"]["memory"].get("peak"),
@@ -457,6 +669,8 @@ def step_benchmark(args) -> dict:
       "scaling_k": scaling_k,
       "scaling_devices": scaling_devices,
       "checks": checks,
+      "compile": compile_report,
+      "phases_s": phases,
       "compile_s": compile_s,
       "total_s": time.perf_counter() - t_start,
   }
@@ -477,9 +691,8 @@ def _machine() -> dict:
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
-def _device_subprocess(num_devices: int, args) -> dict:
-  """LS and exact Nash-MTL steps on ``num_devices`` forced CPU devices (a fresh process)."""
-  import subprocess
+def _device_command(num_devices: int, args, compile_only: bool = False):
+  """The ``_devices`` subprocess's command line and environment (``num_devices`` forced CPUs)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={int(num_devices)}").strip()
@@ -488,10 +701,20 @@ def _device_subprocess(num_devices: int, args) -> dict:
          f"--image_size={args.image_size}", f"--batch={args.batch}",
          f"--num_tasks={args.num_tasks}", f"--width_mult={args.width_mult}",
          f"--repeats={max(args.repeats // 2, 1)}", f"--seed={args.seed}"]
+  return cmd + (["--compile_only"] if compile_only else []), env
+
+
+def _device_subprocess(num_devices: int, args, cache_dir: str = "") -> dict:
+  """LS and exact Nash-MTL steps on ``num_devices`` forced CPU devices (a fresh process)."""
+  import subprocess
+  cmd, env = _device_command(num_devices, args)
+  if cache_dir:
+    env = _cache_environ(env, cache_dir)
+  t0 = time.perf_counter()
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
   if out.returncode != 0:
     return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return dict(json.loads(out.stdout.strip().splitlines()[-1]), wall_s=time.perf_counter() - t0)
 
 
 def _devices_args(p: argparse.ArgumentParser):
@@ -500,6 +723,8 @@ def _devices_args(p: argparse.ArgumentParser):
                         ("seed", 0)):
     p.add_argument(f"--{name}", type=int, default=default)
   p.add_argument("--width_mult", type=float, default=1.0)
+  p.add_argument("--compile_only", action="store_true",
+                 help="compile the two programs (into the persistent cache) and time nothing")
 
 
 @subcommand("_devices", _devices_args)
@@ -511,14 +736,41 @@ def run_devices(args) -> dict:
   mesh = bu.mesh_of(args.num_devices)
   setup.batch = bu.put_batch(setup.batch, mesh)
   rng = jax.random.key(args.seed)
-  fns = {}
+  fns, t0 = {}, time.perf_counter()
   for label, (name, mode) in {"ls_s": ("ls", "losses"), "nash_mtl_s": ("nash_mtl", "jacobian")}.items():
     step, state = bu.engine_step(setup, combiners.method(name, setup.num_tasks), mode, mesh)
     compiled, _ = bu.compile_step(step, state, setup.batch, rng)
     fns[label] = (lambda c=compiled, s=state: c(s, setup.batch, rng))
-  result = _interleaved(fns, args.repeats)
+  compile_s = time.perf_counter() - t0
+  result = {} if args.compile_only else dict(_interleaved(fns, args.repeats), compile_s=compile_s)
   print(json.dumps(result))
   return result
+
+
+def _compile_args(p: argparse.ArgumentParser):
+  _step_args(p)
+  p.add_argument("--labels", required=True, help="'|'-separated program labels to compile")
+
+
+@subcommand("_compile", _compile_args)
+def run_compile(args) -> dict:
+  """(internal) Compile some of the step benchmark's programs into the persistent cache (the
+  parent sets ``JAX_COMPILATION_CACHE_DIR``); prints one line of JSON, label -> seconds."""
+  from mtl_jax import bench_utils as bu
+  t0 = time.perf_counter()
+  specs = _program_specs(_names(args), args)
+  labels = args.labels.split("|")
+  unknown = sorted(set(labels) - set(specs))
+  if unknown:
+    raise SystemExit(f"_compile: no program {unknown}; valid: {sorted(specs)}")
+  _, _, rng, progs = _build(args, specs, labels)
+  options = _parse_options(args.compiler_option)
+  out = {"_build": time.perf_counter() - t0}
+  for label in labels:
+    p = progs[label]
+    _, out[label] = bu.compile_step(p["step"], p["state"], p["batch"], rng, options)
+  print(json.dumps(out))
+  return out
 
 
 def format_step_report(report: dict) -> str:
@@ -550,7 +802,11 @@ def format_step_report(report: dict) -> str:
   for c in report["checks"]:
     lines.append(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['name']}: {c['value']:.4g} "
                  f"(bound {c['bound']:.4g}){' ' + c['note'] if c['note'] else ''}")
-  lines.append(f"compile {report['compile_s']:.0f} s, total {report['total_s']:.0f} s")
+  c = report["compile"]
+  lines.append("measuring: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["phases_s"].items()))
+  lines.append(f"compile {report['compile_s']:.0f} s ({c['programs']} programs, {c['workers']} "
+               f"worker processes, {c['cache_hits']} loaded from the cache), total "
+               f"{report['total_s']:.0f} s")
   return "\n".join(lines)
 
 
@@ -572,6 +828,7 @@ def main(argv: Optional[Sequence[str]] = None):
   for name, (add_arguments, _) in SUBCOMMANDS.items():
     add_arguments(sub.add_parser(name))
   args = parser.parse_args(argv)
+  args.argv = argv[1:]  # the subcommand's own arguments (the compile workers get them too)
   return SUBCOMMANDS[args.command][1](args)
 
 

@@ -29,9 +29,9 @@ def _run_report(out):
   # No subcommand: the step benchmark is the default. The tiniest sizes; one device (no scaling
   # subprocess); one combiner of each program kind; K=2 beside K=3 for the step-vs-K scaling.
   mod.main([f"--out={out}", "--image_size=8", "--batch=4", "--num_tasks=3", "--width_mult=0.0625",
-            "--repeats=1", f"--combiners={','.join(COMBINERS)}", "--devices=1", "--step_ks=2",
+            "--repeats=1", "--ref_repeats=1", f"--combiners={','.join(COMBINERS)}", "--devices=1", "--step_ks=2",
             "--nash_ks=2,3", "--nash_repeats=2", "--update_weights_every=2",
-            "--compile_threads=1", "--xla_option=xla_backend_optimization_level=0"])
+            "--compile_workers=1", "--compiler_option=xla_backend_optimization_level=0"])
   with open(out) as f:
     return json.load(f)
 
@@ -65,6 +65,11 @@ def test_step_benchmark_rows_schema_nash_scaling_and_checks(tmp_path):
       assert r["jacobian_ref_s"] == report["references"]["jacobian_s"]
     mem = r["memory_mb"]
     assert r["peak_mem_mb"] == pytest.approx(mem["temp"] + mem["argument"] + mem["output"])
+
+  # Compiled by a worker process into the persistent cache, loaded from it here.
+  assert report["compile"]["workers"] == 1
+  assert report["compile"]["cache_hits"] == report["compile"]["programs"] >= len(COMBINERS) + 3
+  assert set(report["compile"]["worker_compile_s"]) == set(report["compile"]["load_s"])
 
   # Nash-MTL's solve, the scalings and the checks.
   assert set(report["nash_solve_ms"]) == {"2", "3"}
