@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from mtl_jax.models import conv, pool
 
@@ -24,12 +24,14 @@ def _input(case):
   return jax.random.normal(key, case["shape"])
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(pool_case())
+@example(dict(shape=(2, 5, 7, 3), window=(2, 2), ties=True, seed=1))  # the CNNs' pool; cropped
+@example(dict(shape=(1, 6, 8, 2), window=(3, 2), ties=True, seed=2))
 def test_value_and_gradients_are_bit_identical_to_flax_including_ties_and_cropped_edges(case):
-  """Tiling windows (VALID, stride == window) with edges VALID drops: same value, same VJP (the
-  first maximum of a window in row-major order gets the gradient, as select-and-scatter), same
-  vmapped VJP (the engine's K-task Jacobian)."""
+  """Tiling windows (VALID, stride == window) with edges VALID drops: same value, same vmapped VJP
+  (the engine's K-task Jacobian; the first maximum of a window in row-major order gets the
+  gradient, as select-and-scatter). Each example compiles anew: few examples, small shapes."""
   x, win = _input(case), case["window"]
   ref = lambda x: nn.max_pool(x, win, strides=win)
   new = lambda x: pool.max_pool(x, win, strides=win)
@@ -38,8 +40,6 @@ def test_value_and_gradients_are_bit_identical_to_flax_including_ties_and_croppe
   np.testing.assert_array_equal(y_new, y_ref)
   cts = jax.random.normal(jax.random.key(case["seed"] + 1), (3,) + y_ref.shape)
   np.testing.assert_array_equal(jax.vmap(vjp_new)(cts)[0], jax.vmap(vjp_ref)(cts)[0])
-  grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) ** 2)))(x)
-  np.testing.assert_array_equal(grad(new), grad(ref))
 
 
 def test_the_backward_pass_has_no_scatter_and_other_pools_fall_back_to_flax():
