@@ -374,7 +374,9 @@ def _start_workers(specs, args, cache_dir):
     try:
       for f in futures:
         result = f.result()
-        builds.append(result.pop("_build"))
+        build = result.pop("_build", None)  # None: a worker that compiled device programs only
+        if build is not None:
+          builds.append(build)
         devices_s.update(result.pop("_devices", {}))
         compiled.update(result)
     finally:
