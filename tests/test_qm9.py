@@ -119,7 +119,10 @@ def test_bond_types_and_one_hot_sum(cache):
     np.testing.assert_array_equal(val, want, err_msg=f"molecule {m}")
 
 
-def test_cache_is_reused(cache_dir, monkeypatch):
+def test_cache_is_reused(cache, cache_dir, monkeypatch):
+  """Needs the `cache` fixture (which builds the file): under pytest-xdist this test may be the
+  first of its module on a worker."""
+  del cache
   path = F.cache_path(str(cache_dir), "qm9pack", LIMIT)
   assert os.path.exists(path)
   monkeypatch.setattr(F, "featurise", lambda *a, **k: pytest.fail("cache not reused"))
