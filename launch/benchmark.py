@@ -471,7 +471,7 @@ def _step_benchmark(args, cache_dir, load_before, t_start, nash_module):
   setup, _, rng, progs = _build(args, specs)
   compile_report = _compile_all(progs, rng, _parse_options(args.compiler_option), wait)
   compile_s = time.perf_counter() - t_start
-  compile_report.update(workers=workers, wall_s=compile_s)
+  compile_report["workers"] = workers
   return _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_s,
                   load_before, t_start, nash_module)
 

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 
 
-
 def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = None,
              padding="VALID"):
   """``flax.linen.max_pool`` (NHWC) with an elementwise backward pass for tiling windows."""
