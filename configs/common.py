@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.engine = ml_collections.ConfigDict()
   c.engine.mode = ""  # losses | gramian | jacobian | features; "" = chosen from the combiner (below)
   c.engine.reduction = "exact"  # exact | local (see mtl_jax.autodiff)
+  # auto | all | off: which shared layers a weighting's 'jacobian' mode taps (mtl_jax.taps: their
+  # Gramian share from inputs and output cotangents, no per-task kernel gradients)
+  c.engine.layer_gramian = "auto"
   # With mode "": a Gramian weighting runs in 'jacobian' mode (fast, holds the K x P_shared
   # Jacobian) when that Jacobian fits in this many MiB, else in the streamed 'gramian' mode.
   c.engine.jacobian_budget_mb = 1024.0

@@ -20,6 +20,7 @@ import ml_collections
 CHOICES = {
     ("engine", "mode"): ("", "losses", "gramian", "jacobian", "features"),
     ("engine", "reduction"): ("exact", "local"),
+    ("engine", "layer_gramian"): ("auto", "all", "off"),
     ("optimizer", "name"): ("adam", "adamw", "sgd"),
     ("optimizer", "schedule"): ("constant", "cosine", "step"),
     ("train", "on_nonfinite"): ("stop", "skip"),

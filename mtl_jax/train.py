@@ -214,7 +214,8 @@ def _global_norm(tree) -> jax.Array:
 
 def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTransformation,
                     mesh, *, mode: str, reduction: str = "exact", multi_input: bool = False,
-                    shared_mask=None, constants=None, per_device_batches: bool = False):
+                    shared_mask=None, constants=None, per_device_batches: bool = False,
+                    layer_gramian: str = "auto"):
   """``step(state, batch) -> (state, metrics)``: jitted, SPMD over ``mesh``, state donated.
 
   ``model`` is a :class:`mtl_jax.sharing.MultiTaskModel`; ``shared_mask`` the tree of bools over
@@ -248,7 +249,7 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
     out = autodiff.combine(method, state.combiner_state, loss_fn, state.params, state.batch_stats,
                            batch, rng, mode=mode, shared_mask=shared_mask, axis_name=AXIS,
-                           reduction=reduction)
+                           reduction=reduction, layer_gramian=layer_gramian)
     aux = out.aux[0] if mode == "features" else out.aux
     new_bs = jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), aux) if state.batch_stats else {}
     grad = out.update
@@ -450,7 +451,8 @@ def run_steps(config, num_steps: int, devices=None, batches=None):
   step_fn = make_train_step(model, list(bench.tasks), method, tx, mesh, mode=mode,
                             reduction=config.engine.reduction, multi_input=bench.multi_input,
                             shared_mask=mask, constants=constants,
-                            per_device_batches=bench.per_device_batches)
+                            per_device_batches=bench.per_device_batches,
+                            layer_gramian=config.engine.layer_gramian)
   history = []
   for i in range(num_steps):
     batch = batches[i] if batches is not None else next(loader)
@@ -485,7 +487,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
   step_fn = make_train_step(model, tasks, method, tx, mesh, mode=mode,
                             reduction=config.engine.reduction, multi_input=bench.multi_input,
                             shared_mask=mask, constants=constants,
-                            per_device_batches=bench.per_device_batches)
+                            per_device_batches=bench.per_device_batches,
+                            layer_gramian=config.engine.layer_gramian)
   num_params = int(model.num_params(jax.device_get(state.params)))
 
   main = pidx == 0
@@ -669,6 +672,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
       "combiner_hparams": config.combiner.hparams.to_dict(),
       "engine_mode": mode,
       "reduction": config.engine.reduction,
+      "layer_gramian": config.engine.layer_gramian,
       "sharing": config.model.sharing,
       "config": config.to_dict(),
   }

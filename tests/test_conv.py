@@ -120,9 +120,9 @@ def test_gramian_mode_on_a_cnn_equals_jacobian_mode():
   m = combiners.method("mgda", 3)
   state = m.transform(mask).init(params)
 
-  def run(mode):
+  def run(mode):  # the jacobian mode with the Jacobian held whole (no layer taps)
     out = autodiff.combine(m, state, loss_fn, params, bs, batch, jax.random.key(0), mode=mode,
-                           shared_mask=mask)
+                           shared_mask=mask, layer_gramian="off")
     return out.gramian, out.update
 
   g_gram, u_gram = jax.jit(lambda: run("gramian"))()

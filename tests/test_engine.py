@@ -38,6 +38,13 @@ def _loss(p, x):
   return losses, None
 
 
+def _loss_tapped(p, x):
+  """``_loss`` with the trunk as a tappable dense layer (mtl_jax.taps)."""
+  from mtl_jax import taps
+  z = jnp.tanh(taps.dot_general(x, p["trunk"]["w"], (((1,), (0,)), ((), ()))))
+  return _decode(p, z, x)
+
+
 def _inv_norm(specific):
   # A nonlinear Gramian weighting (inverse gradient norms), for testing the engine alone.
   return Method("inv", K, GRAMIAN, init=lambda p: EmptyState(),
@@ -122,7 +129,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec as P
 import sys; sys.path.insert(0, os.getcwd())
-from tests.test_engine import _inv_norm, _loss_weighting, _loss, SPLIT, _params, _mask, _x
+from tests.test_engine import _inv_norm, _loss_weighting, _loss, _loss_tapped, SPLIT, _params, _mask, _x
 from mtl_jax import autodiff
 mesh = jax.make_mesh((4,), ("data",))
 params, x = _params(), _x(n=16)
@@ -141,6 +148,18 @@ for m in (_inv_norm("sum"), _loss_weighting()):
       err = max(float(jnp.max(jnp.abs(a - b))) for a, b in
                 zip(jax.tree.leaves(got), jax.tree.leaves(ref.update)))
       print(m.name, mode, red, err)
+# layer taps: the trunk's Gramian share from all devices' inputs and output cotangents
+m = _inv_norm("sum")
+state = m.transform(_mask).init(params)
+ref = autodiff.combine(m, state, _loss, params, x, mode="jacobian", shared_mask=_mask)
+step = jax.shard_map(
+    lambda p, xb: autodiff.combine(m, state, _loss_tapped, p, xb, mode="jacobian",
+                                   shared_mask=_mask, axis_name="data", layer_gramian="all")[:4],
+    mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=False)
+upd, _, _, gram = jax.jit(step)(params, xs)
+err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in
+          zip(jax.tree.leaves((upd, gram)), jax.tree.leaves((ref.update, ref.gramian))))
+print("taps jacobian exact", err)  # relative to each leaf's largest entry
 """
 
 

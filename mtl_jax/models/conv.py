@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mtl_jax import taps
+
 _CANONICAL = ("NHWC", "HWIO", "NHWC")
 _FORWARD_MODE = contextvars.ContextVar("mtl_jax_conv_forward_mode", default=False)
 
@@ -82,7 +84,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
   strides = tuple(int(s) for s in window_strides)
   dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
   pads = _pairs(padding, lhs.shape[1:3], rhs.shape[:2], strides, dilation)
-  return _conv(strides, pads, dilation, precision, lhs, rhs)
+  op = functools.partial(_conv, strides, pads, dilation, precision)
+  return taps.conv_site(op, lhs, rhs, rhs.shape[:2], strides, pads, dilation)
 
 
 def _forward(strides, pads, dilation, precision, x, w):

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax import taps
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
 from mtl_jax.models.conv import Conv
@@ -73,7 +74,7 @@ class LeNetDense(nn.Module):
   def __call__(self, x, train: bool):
     del train
     x = x.reshape(x.shape[0], -1)
-    return nn.relu(nn.Dense(self.hidden, name="fc")(x))
+    return nn.relu(taps.Dense(self.hidden, name="fc")(x))
 
 
 class LeNetHead(nn.Module):
@@ -84,10 +85,10 @@ class LeNetHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
+    x = nn.relu(taps.Dense(self.hidden, name="fc1")(x))
     if train and self.dropout > 0.0 and self.has_rng("dropout"):
       x = nn.Dropout(self.dropout, deterministic=False)(x)
-    return nn.Dense(self.num_classes, name="fc2")(x)
+    return taps.Dense(self.num_classes, name="fc2")(x)
 
 
 def lenet_head(num_classes: int = 10, hidden: int = 50, dropout: float = 0.5) -> LeNetHead:
