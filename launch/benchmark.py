@@ -17,6 +17,9 @@ ratio_to_jacobian, peak_mem_mb, ...}], nash_solve_ms: {K: ms}, references, check
 Weightings that share needs and task-specific rule share one compiled step per mode
 (:func:`mtl_jax.bench_utils.switch_method`); the gramian/jacobian-mode rows are timed
 ``--heavy_repeats`` times (default once) each, the references ``--repeats`` times, interleaved.
+The weightings' jacobian mode taps the layers where that is cheaper (``--layer_gramian``,
+:mod:`mtl_jax.taps`); the exact Nash-MTL step is then also timed without taps (a reference, in
+``references.nash_mtl_untapped_s``) and ``layer_taps`` lists the tapped layers.
 
 ``params``: the parameter count of every sharing strategy for a backbone and K tasks (one-unit
 binary heads, as CelebA's), its ratio to K single-task models, and a JSON file
@@ -165,6 +168,9 @@ def _step_args(p: argparse.ArgumentParser):
                  help="also time loss-only methods in the gramian/jacobian modes (they then "
                  "compute a Gramian they do not use)")
   p.add_argument("--gramian_chunk", type=int, default=1)
+  p.add_argument("--layer_gramian", default="auto", choices=("auto", "all", "off"),
+                 help="which layers the weightings' jacobian mode taps (mtl_jax.taps); with "
+                 "auto/all the exact Nash-MTL step is also timed with 'off' (a reference)")
   p.add_argument("--update_weights_every", type=int, default=4,
                  help="n of the Nash-MTL update_weights_every measurement (0: skip)")
   p.add_argument("--every_modes", default="jacobian",
@@ -217,12 +223,15 @@ def _program_specs(names, args) -> dict:
   def add(label, make, rows=(), heavy=False, cost=COMPILE_COST["losses"], kk=k):
     specs[label] = dict(make=make, rows=list(rows), heavy=heavy, cost=cost, k=kk)
 
-  engine = lambda m, mode, chunk=1: (
-      lambda setup, mesh: bu.engine_step(setup, m, mode, mesh, chunk))
+  engine = lambda m, mode, chunk=1, taps=args.layer_gramian: (
+      lambda setup, mesh: bu.engine_step(setup, m, mode, mesh, chunk, taps))
   add("plain", lambda setup, mesh: bu.plain_step(setup), cost=COMPILE_COST["plain"])
   add("jacobian_only", lambda setup, mesh: bu.jacobian_step(setup), heavy=True,
       cost=COMPILE_COST["plain"])
   add("ls", engine(combiners.method("ls", k), "losses"), [("ls", "losses", None)])
+  if "nash_mtl" in names and args.layer_gramian != "off":  # the exact step without layer taps
+    add("nash_untapped", engine(combiners.method("nash_mtl", k), "jacobian", taps="off"),
+        heavy=True, cost=COMPILE_COST["jacobian"])
   n = int(args.update_weights_every)
   if "nash_mtl" in names and n > 1:
     for mode in _csv(args.every_modes):
@@ -492,6 +501,8 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
   if nash_at is not None:
     label, index = nash_at
     ref_fns["nash_mtl"] = run(label, _select(progs[label], index))
+  if "nash_untapped" in progs:
+    ref_fns["nash_untapped"] = run("nash_untapped")
   phases = {}
   mark = [time.perf_counter()]
 
@@ -521,7 +532,8 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
   if nash_at is not None:
     add_row("nash_mtl", "jacobian", ref_s["nash_mtl"], nash_at[0], args.ref_repeats)
   for label, p in progs.items():
-    if label in ("plain", "jacobian_only", "ls") or label.startswith(("nash_every", "scale_k:")):
+    if label in ("plain", "jacobian_only", "ls", "nash_untapped") or label.startswith(
+        ("nash_every", "scale_k:")):
       continue
     reps = args.heavy_repeats if p["heavy"] else args.repeats
     warmed = nash_at is not None and label == nash_at[0]  # the references ran it already
@@ -556,7 +568,7 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
 
   phase("rows")
   # The weighting's own cost, isolated: Gramian of the held Jacobian, weigh, weighted sum -- on
-  # the task-minor Jacobian, the layout the engine's jacobian mode holds for weightings.
+  # the task-minor Jacobian, the layout the engine's jacobian mode holds for untapped leaves.
   jac, losses = run("jacobian_only")()
   jac = jax.jit(lambda j: jax.tree.map(lambda x: jnp.moveaxis(x, 0, -1), j))(jac)
   gram_fn = jax.jit(lambda j: combiners.base.gramian_of(j, setup.mask, task_axis=-1))
@@ -653,17 +665,23 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
       "config": {key: getattr(args, key) for key in (
           "image_size", "batch", "num_tasks", "width_mult", "ref_repeats", "repeats",
           "heavy_repeats",
-          "gramian_chunk", "update_weights_every", "seed", "compiler_option")},
+          "gramian_chunk", "layer_gramian", "update_weights_every", "seed",
+          "compiler_option")},
       "machine": dict(_machine(), load_before=load_before),
       "num_params": bu.num_params(setup.params),
       "rows": rows,
       "references": {"calls_s": ref_calls, "plain_s": ref_s["plain"], "ls_s": ls_s,
                      "jacobian_s": jac_s,
-                     "nash_mtl_s": ref_s.get("nash_mtl"), "gramian_ms": gramian_ms,
+                     "nash_mtl_s": ref_s.get("nash_mtl"),
+                     "nash_mtl_untapped_s": ref_s.get("nash_untapped"),
+                     "nash_mtl_untapped_peak_mem_mb": progs.get("nash_untapped", {}).get(
+                         "memory", {}).get("peak"),
+                     "gramian_ms": gramian_ms,
                      "weighted_sum_ms": combine_ms,
                      "plain_peak_mem_mb": progs["plain"]["memory"].get("peak"),
                      "ls_peak_mem_mb": mem_ls,
                      "jacobian_peak_mem_mb": progs["jacobian_only"]["memory"].get("peak")},
+      "layer_taps": _layer_taps(setup, args),
       "weigh_ms": weigh,
       "nash_solve_ms": nash_solve_ms,
       "nash_solve": {str(kk): v for kk, v in solve.items()},
@@ -682,6 +700,23 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
     with open(args.out, "w") as f:
       json.dump(report, f, indent=1)
   return report
+
+
+def _layer_taps(setup, args) -> list:
+  """The layers the weightings' jacobian mode taps here, with the cost model's multiply-adds."""
+  import jax
+  from mtl_jax import taps
+  if args.layer_gramian == "off":
+    return []
+  plan = taps.plan(setup.loss_fn, setup.params, (setup.batch_stats, setup.batch,
+                                                 jax.random.key(0)),
+                   setup.mask, setup.num_tasks, select=args.layer_gramian)
+  out = []
+  for s in (plan.sites if plan else ()):
+    tapped, rows = taps.site_costs(s, setup.num_tasks)
+    out.append({"kind": s.kind, "kernel": list(s.w_shape), "output": list(s.y_shape),
+                "tapped_madds": tapped, "rows_madds": rows})
+  return out
 
 
 def _machine() -> dict:
@@ -786,6 +821,13 @@ def format_step_report(report: dict) -> str:
       f"{ref['jacobian_s']:.3f} s | Gramian of it {ref['gramian_ms']:.1f} ms",
       f"{'combiner':<12}{'mode':<10}{'step s':>9}{'/ LS':>8}{'/ Jac':>8}{'peak MiB':>10}"
       f"{'weigh ms':>10}"]
+  if ref.get("nash_mtl_untapped_s") and ref.get("nash_mtl_s"):
+    lines.insert(2, f"layer taps ({report['config']['layer_gramian']}): "
+                 f"{len(report['layer_taps'])} layers; exact Nash-MTL {ref['nash_mtl_s']:.3f} s "
+                 f"({ref['nash_mtl_s'] / ref['jacobian_s']:.3f}x Jacobian-only), without taps "
+                 f"{ref['nash_mtl_untapped_s']:.3f} s "
+                 f"({ref['nash_mtl_untapped_s'] / ref['jacobian_s']:.3f}x, peak "
+                 f"{ref['nash_mtl_untapped_peak_mem_mb']:.0f} MiB)")
   for r in sorted(report["rows"], key=lambda r: (r["combiner"], r["mode"])):
     w = f"{r['weigh_ms']:10.2f}" if "weigh_ms" in r else f"{'':>10}"
     lines.append(f"{r['combiner']:<12}{r['mode']:<10}{r['step_s']:9.3f}{r['ratio_to_ls']:8.2f}"

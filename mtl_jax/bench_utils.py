@@ -135,7 +135,8 @@ def put_batch(batch, mesh):
   return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), batch)
 
 
-def engine_step(setup: Setup, method: Method, mode: str, mesh, gramian_chunk: int = 1):
+def engine_step(setup: Setup, method: Method, mode: str, mesh, gramian_chunk: int = 1,
+                layer_gramian: str = "auto"):
   """``(jitted step(state, batch, rng) -> (state, losses), initial state)``: engine + Adam."""
   tx = optax.adam(LEARNING_RATE)
   loss = setup.split_loss if mode == "features" else setup.loss_fn
@@ -143,7 +144,7 @@ def engine_step(setup: Setup, method: Method, mode: str, mesh, gramian_chunk: in
   def per_device(state: StepState, batch, rng):
     out = autodiff.combine(method, state.combiner_state, loss, state.params, state.batch_stats,
                            batch, rng, mode=mode, shared_mask=setup.mask, axis_name=AXIS,
-                           gramian_chunk=gramian_chunk)
+                           gramian_chunk=gramian_chunk, layer_gramian=layer_gramian)
     aux = out.aux[0] if mode == "features" else out.aux
     bs = jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), aux)
     updates, opt_state = tx.update(out.update, state.opt_state, state.params)

@@ -31,7 +31,8 @@ def _run_report(out):
   mod.main([f"--out={out}", "--image_size=8", "--batch=4", "--num_tasks=3", "--width_mult=0.0625",
             "--repeats=1", "--ref_repeats=1", f"--combiners={','.join(COMBINERS)}", "--devices=1", "--step_ks=2",
             "--nash_ks=2,3", "--nash_repeats=2", "--update_weights_every=2",
-            "--compile_workers=1", "--compiler_option=xla_backend_optimization_level=0"])
+            "--compile_workers=1", "--compiler_option=xla_backend_optimization_level=0",
+            "--layer_gramian=all"])
   with open(out) as f:
     return json.load(f)
 
@@ -70,6 +71,12 @@ def test_step_benchmark_rows_schema_nash_scaling_and_checks(tmp_path):
   assert report["compile"]["workers"] == 1
   assert report["compile"]["cache_hits"] == report["compile"]["programs"] >= len(COMBINERS) + 3
   assert set(report["compile"]["worker_compile_s"]) == set(report["compile"]["load_s"])
+
+  # Layer taps: every eligible layer tapped (--layer_gramian=all), the exact Nash-MTL step also
+  # timed without them.
+  assert [t["kind"] for t in report["layer_taps"]] == ["conv"] * 7 + ["dense"] * 2
+  assert report["references"]["nash_mtl_untapped_s"] > 0
+  assert report["config"]["layer_gramian"] == "all"
 
   # Nash-MTL's solve, the scalings and the checks.
   assert set(report["nash_solve_ms"]) == {"2", "3"}
