@@ -18,8 +18,8 @@ Weightings that share needs and task-specific rule share one compiled step per m
 (:func:`mtl_jax.bench_utils.switch_method`); the gramian/jacobian-mode rows are timed
 ``--heavy_repeats`` times (default once) each, the references ``--repeats`` times, interleaved.
 The weightings' jacobian mode taps the layers where that is cheaper (``--layer_gramian``,
-:mod:`mtl_jax.taps`); the exact Nash-MTL step is then also timed without taps (a reference, in
-``references.nash_mtl_untapped_s``) and ``layer_taps`` lists the tapped layers.
+:mod:`mtl_jax.taps`; ``layer_taps`` lists them); ``--untapped_reference`` also times the exact
+Nash-MTL step without taps (``references.nash_mtl_untapped_s``).
 
 ``params``: the parameter count of every sharing strategy for a backbone and K tasks (one-unit
 binary heads, as CelebA's), its ratio to K single-task models, and a JSON file
@@ -169,8 +169,10 @@ def _step_args(p: argparse.ArgumentParser):
                  "compute a Gramian they do not use)")
   p.add_argument("--gramian_chunk", type=int, default=1)
   p.add_argument("--layer_gramian", default="auto", choices=("auto", "all", "off"),
-                 help="which layers the weightings' jacobian mode taps (mtl_jax.taps); with "
-                 "auto/all the exact Nash-MTL step is also timed with 'off' (a reference)")
+                 help="which layers the weightings' jacobian mode taps (mtl_jax.taps)")
+  p.add_argument("--untapped_reference", action="store_true",
+                 help="also time the exact Nash-MTL step without layer taps (one more program "
+                 "and five more references: ~30 s here)")
   p.add_argument("--update_weights_every", type=int, default=4,
                  help="n of the Nash-MTL update_weights_every measurement (0: skip)")
   p.add_argument("--every_modes", default="jacobian",
@@ -229,7 +231,7 @@ def _program_specs(names, args) -> dict:
   add("jacobian_only", lambda setup, mesh: bu.jacobian_step(setup), heavy=True,
       cost=COMPILE_COST["plain"])
   add("ls", engine(combiners.method("ls", k), "losses"), [("ls", "losses", None)])
-  if "nash_mtl" in names and args.layer_gramian != "off":  # the exact step without layer taps
+  if "nash_mtl" in names and args.layer_gramian != "off" and args.untapped_reference:
     add("nash_untapped", engine(combiners.method("nash_mtl", k), "jacobian", taps="off"),
         heavy=True, cost=COMPILE_COST["jacobian"])
   n = int(args.update_weights_every)
@@ -538,7 +540,7 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
     reps = args.heavy_repeats if p["heavy"] else args.repeats
     warmed = nash_at is not None and label == nash_at[0]  # the references ran it already
     # The rows that carry the 5% bound (Gramian weightings, jacobian mode) are divided by the
-    # median of Jacobian-only calls timed between them, one after every two rows: the machine's
+    # median of Jacobian-only calls timed between them, one after every four rows: the machine's
     # speed drifts over a run, and single calls vary by ~2%, both near the bound. Other heavy rows
     # are divided by the interleaved reference.
     bound = label.startswith("switch:") and label.endswith("/jacobian")
@@ -557,7 +559,7 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
       faults = (bu.minor_faults() - f0) // max(int(reps), 1)
       warmed = True
       pending.append((combiner, mode, bu.median(times), faults))
-      if bound and (i % 2 == 1 or i == len(timed) - 1):
+      if bound and (i % 4 == 3 or i == len(timed) - 1):
         time_ref()
     jac_ref = bu.median(ref_times) if ref_times else None
     for combiner, mode, step_s, faults in pending:
