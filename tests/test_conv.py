@@ -37,7 +37,7 @@ def conv_case(draw):
               seed=draw(st.integers(0, 2**16)))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(conv_case())
 def test_forward_and_vjp_match_lax(case):
   r = np.random.default_rng(case["seed"])

@@ -55,7 +55,7 @@ def bench():
 
 def test_same_params_on_1_and_4_devices():
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
   proc = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT % {"root": ROOT}], env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

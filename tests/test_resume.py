@@ -33,7 +33,9 @@ def _cmd(workdir):
 
 def _env():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  # no forced devices from the caller's environment (the suite's other flags are kept)
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
   return env
 
 

@@ -25,7 +25,7 @@ def _site(kind, x, w, y, meta=()):
   return taps.Site(0, 0, kind, meta, x.shape, y.shape, w.shape, y.dtype)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(kh=st.integers(1, 3), kw=st.integers(1, 3), stride=st.integers(1, 2),
        dil=st.integers(1, 2), padding=st.sampled_from(["SAME", "VALID", "EXPLICIT"]),
        k=st.integers(1, 4), seed=st.integers(0, 2**16))
@@ -140,10 +140,10 @@ def test_cost_model_prefers_taps_for_few_rows_of_a_large_layer():
   assert tapped > rows
 
 
-@pytest.mark.parametrize("name,kwargs", [("nash_mtl", {}), ("upgrad", {}), ("mgda", {}),
-                                         ("nash_mtl", {"update_weights_every": 2})])
-@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("name,kwargs,reuse", [
+    ("nash_mtl", {}, False), ("upgrad", {}, True), ("nash_mtl", {"update_weights_every": 2}, False)])
 def test_engine_with_taps_equals_the_engine_without(name, kwargs, reuse):
+  # reuse: the dense kernel is read twice, so only the convolution is tapped
   loss_fn, params, args, mask = _problem(reuse=reuse)
   m = combiners.method(name, 3, **kwargs)
   state = m.transform(mask).init(params)
@@ -167,10 +167,10 @@ def test_engine_taps_degenerate_inputs():
   m = combiners.method("nash_mtl", 3)
   state = m.transform(mask).init(params)
   for fn, xb in ((zero_loss, x), (loss_fn, x.at[0, 0, 0, 0].set(jnp.nan))):
-    a = autodiff.combine(m, state, fn, params, xb, y, mode="jacobian", shared_mask=mask,
-                         layer_gramian="all")
-    b = autodiff.combine(m, state, fn, params, xb, y, mode="jacobian", shared_mask=mask,
-                         layer_gramian="off")
+    step = jax.jit(lambda xx, lg, fn=fn: autodiff.combine(
+        m, state, fn, params, xx, y, mode="jacobian", shared_mask=mask, layer_gramian=lg),
+                   static_argnums=1)
+    a, b = step(xb, "all"), step(xb, "off")
     assert bool(a.finite) == bool(b.finite)
     for u, v in zip(jax.tree.leaves(a.update), jax.tree.leaves(b.update)):
       np.testing.assert_allclose(u, v, atol=1e-7)
