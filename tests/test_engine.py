@@ -250,12 +250,17 @@ def test_task_minor_gramian_and_weighted_sum_match_the_task_leading_layout(k, sh
   mask = {"a": True, "b": True}
   minor = jax.tree.map(lambda j: jnp.moveaxis(j, 0, -1), jac)
   rows = np.concatenate([jac["a"].reshape(k, -1), jac["b"]], axis=1)
-  np.testing.assert_allclose(gramian_of(minor, mask, task_axis=-1), rows @ rows.T,
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(gramian_of(jac, mask), rows @ rows.T, rtol=1e-5, atol=1e-5)
   w = rs.randn(k).astype(np.float32)
-  for name in jac:
-    np.testing.assert_allclose(weighted_sum(w, minor[name], task_axis=-1),
-                               weighted_sum(w, jac[name]), rtol=1e-5, atol=1e-5)
+
+  @jax.jit  # one program per example
+  def both(jac, minor, w):
+    return (gramian_of(minor, mask, task_axis=-1), gramian_of(jac, mask),
+            {n: (weighted_sum(w, minor[n], task_axis=-1), weighted_sum(w, jac[n])) for n in jac})
+
+  g_minor, g_major, sums = both(jac, minor, w)
+  np.testing.assert_allclose(g_minor, rows @ rows.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g_major, rows @ rows.T, rtol=1e-5, atol=1e-5)
+  for a, b in sums.values():
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="task_axis must be 0"):
     gramian_of(jac, mask, task_axis=1)

@@ -42,17 +42,25 @@ def test_conv_site_gramian_and_update_match_the_task_gradients(kh, kw, stride, d
       seen.append((meta, op))
       return op(xx, ww)
 
+  def conv_of(xx, ww):
+    return conv.conv_general_dilated(xx, ww, (stride, stride), pad, rhs_dilation=(dil, dil),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
   with taps._recording(Rec([w])):
-    y = conv.conv_general_dilated(x, w, (stride, stride), pad, rhs_dilation=(dil, dil),
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv_of(x, w)
   ((meta, op),) = seen
   g = jnp.asarray(rs.randn(k, *y.shape), jnp.float32)
-  want, rows = _direct(op, x, w, g)
-  site = _site("conv", x, w, y, meta)
-  got = taps.site_gramian(site, x, g)
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
   wts = jnp.asarray(rs.rand(k), jnp.float32)
-  upd = taps.site_update(x, w, op, jnp.tensordot(wts, g, axes=1))
+  site = _site("conv", x, w, y, meta)
+
+  @jax.jit  # one program per example (op by op it compiled every primitive)
+  def compare(x, w, g, wts):
+    want, rows = _direct(op, x, w, g)
+    upd = taps.site_update(x, w, op, jnp.tensordot(wts, g, axes=1))
+    return want, rows, taps.site_gramian(site, x, g), upd
+
+  want, rows, got, upd = compare(x, w, g, wts)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
   np.testing.assert_allclose(upd.reshape(-1), wts @ rows, rtol=1e-4, atol=1e-4)
 
 
