@@ -115,6 +115,9 @@ def _rows(vjp_fn, losses, task_axis: int = 0):
 
 
 def _axis_size(axis_name) -> int:
+  """The number of devices on ``axis_name``; 1 without an axis."""
+  if axis_name is None:
+    return 1
   size_of = getattr(jax.lax, "axis_size", None)
   return int(size_of(axis_name)) if size_of is not None else int(jax.lax.psum(1, axis_name))
 
@@ -122,7 +125,7 @@ def _axis_size(axis_name) -> int:
 def _pmean(tree, axis_name):
   """``pmean`` over ``axis_name``; the identity without an axis or on a one-device axis (there XLA
   still emitted the all-reduce: a copy of the 40 x 5.2M Jacobian, ~4% of the CelebA CNN step)."""
-  if axis_name is None or _axis_size(axis_name) == 1:
+  if _axis_size(axis_name) == 1:
     return tree
   return jax.lax.pmean(tree, axis_name)
 
@@ -165,8 +168,7 @@ def combine(method: Method,
   else:
     plan = None
     if mode == "jacobian" and method.is_weighting and layer_gramian != "off":
-      plan = taps.plan(loss_fn, params, args, mask, k,
-                       _axis_size(exact_axis) if exact_axis is not None else 1, layer_gramian)
+      plan = taps.plan(loss_fn, params, args, mask, k, _axis_size(exact_axis), layer_gramian)
     if plan is None:
       losses, vjp_fn, aux = jax.vjp(lambda p: loss_fn(p, *args), params, has_aux=True)
       tapped = None
@@ -272,7 +274,7 @@ def _tapped_step(method, state, glosses, vjp_fn, mask, exact_axis, plan, inputs)
   site_of = {s.leaf: i for i, s in enumerate(plan.sites)}
   # the tapped leaves' rows are never read (XLA drops their per-task kernel gradients)
   rows = _pmean([None if i in site_of else j for i, j in enumerate(leaves)], exact_axis)
-  size = _axis_size(exact_axis) if exact_axis is not None else 1
+  size = _axis_size(exact_axis)
   terms = [taps.site_gramian(s, inputs[i][0], tap_rows[i], exact_axis, size)
            for i, s in enumerate(plan.sites)]
   direct = [j for j, m in zip(rows, mask_leaves) if m and j is not None]
@@ -287,8 +289,7 @@ def _tapped_step(method, state, glosses, vjp_fn, mask, exact_axis, plan, inputs)
   for i, (j, m) in enumerate(zip(rows, mask_leaves)):
     if i in site_of:
       x, w, op = inputs[site_of[i]]
-      cot = jnp.tensordot(weights.astype(jnp.float32), tap_rows[site_of[i]].astype(jnp.float32),
-                          axes=1)
+      cot = weighted_sum(weights, tap_rows[site_of[i]])  # the K cotangents are K-leading
       update.append(_pmean(taps.site_update(x, w, op, cot), exact_axis))
     else:
       update.append(weighted_sum(weights if m else specific, j, task_axis=-1))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -141,7 +142,6 @@ Dense = functools.partial(nn.Dense, dot_general=dot_general)
 
 class Plan(NamedTuple):
   sites: tuple  # the tapped Sites, in call order
-  leaves: frozenset  # their parameter leaves
 
 
 def _use_counts(closed_jaxpr, n: int) -> list[int]:
@@ -150,12 +150,7 @@ def _use_counts(closed_jaxpr, n: int) -> list[int]:
   invars = jaxpr.invars[:n]
   index = {id(v): i for i, v in enumerate(invars)}
   counts = [0] * n
-  for eqn in jaxpr.eqns:
-    for v in eqn.invars:
-      i = index.get(id(v))
-      if i is not None and invars[i] is v:
-        counts[i] += 1
-  for v in jaxpr.outvars:
+  for v in itertools.chain(*(eqn.invars for eqn in jaxpr.eqns), jaxpr.outvars):
     i = index.get(id(v))
     if i is not None and invars[i] is v:
       counts[i] += 1
@@ -208,7 +203,7 @@ def plan(loss_fn, params, args, mask, k: int, devices: int = 1,
       chosen.append(s)
   if not chosen:
     return None
-  return Plan(tuple(chosen), frozenset(s.leaf for s in chosen))
+  return Plan(tuple(chosen))
 
 
 def tapped(loss_fn, the_plan: Plan):
