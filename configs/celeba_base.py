@@ -11,33 +11,9 @@ data (tfds.testing.mock_data), 5 attributes, a 1/8-width CNN at 32×32, a few st
 offline source here.
 """
 
-import os
-import sys
+from mtl_jax.configs.common import base_config, check_variant, smoke
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-VARIANTS = ("", "smoke", "quick")
 TRAIN_SIZE = 162_770
-
-
-def check_variant(variant: str) -> str:
-  variant = (variant or "").strip()
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; valid: '', smoke, quick")
-  return variant
-
-
-def smoke(c, steps: int = 4, batch: int = 8):
-  """The shared smoke settings: mock data, a few steps, small batches."""
-  c.data.mock = True
-  c.train.batch_size = batch
-  c.train.eval_batch_size = batch
-  c.train.num_steps = steps
-  c.train.eval_every = steps // 2
-  c.train.log_every = 1
-  c.train.checkpoint_every = steps // 2
-  return c
 
 
 def get_base(variant: str = ""):

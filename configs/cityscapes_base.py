@@ -9,11 +9,7 @@ Variants: ``''`` the protocol (folder at ``data.data_dir``, default ~/mtl_data/c
 64×128, SegNet width 16, 200 steps.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nyuv2_base import get_base as _dense  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs.nyuv2_base import get_base as _dense
 
 
 def get_base(variant: str = ""):

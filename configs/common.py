@@ -8,6 +8,33 @@ steps, tiny model) and ``'quick'`` (real offline data where there is one, CPU mi
 
 import ml_collections
 
+VARIANTS = ("", "smoke", "quick")
+
+
+class VariantError(ValueError):
+  """An unknown ``:variant`` of a config file (one line, naming the valid ones)."""
+
+
+def check_variant(variant, valid=VARIANTS) -> str:
+  """The variant string, stripped; a one-line :class:`VariantError` when it is not in ``valid``."""
+  variant = (variant or "").strip()
+  if variant not in valid:
+    names = ", ".join(repr(v) if not v else v for v in valid)
+    raise VariantError(f"unknown config variant {variant!r}; valid: {names}")
+  return variant
+
+
+def smoke(c, steps: int = 4, batch: int = 8):
+  """The shared smoke settings: mock data, a few steps, small batches."""
+  c.data.mock = True
+  c.train.batch_size = batch
+  c.train.eval_batch_size = batch
+  c.train.num_steps = steps
+  c.train.eval_every = steps // 2
+  c.train.log_every = 1
+  c.train.checkpoint_every = steps // 2
+  return c
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()

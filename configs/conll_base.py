@@ -10,12 +10,7 @@ Variants: ``''``; ``'smoke'`` mock data (tfds.testing.mock_data), width 16, a fe
 ``'quick'`` prepared tfds data, 300 steps, max length 64.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from celeba_base import check_variant, smoke  # pylint: disable=g-import-not-at-top,wrong-import-position
-from common import base_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs.common import base_config, check_variant, smoke
 
 
 def get_base(variant: str = "", name: str = "conll2003", train_size: int = 14_041):

@@ -10,11 +10,7 @@ against the published single-task MAEs, and the parameter count. The argument se
 ``nash_qm9`` (default ``quick``; ``''`` is the full protocol, ``smoke`` fabricated molecules).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import nash_qm9  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs import nash_qm9
 
 
 def get_config(arg: str = "quick"):

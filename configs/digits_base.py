@@ -8,11 +8,7 @@ Variants: ``''`` 50 epochs at batch 256; ``'smoke'`` a few steps with a narrow L
 300 steps of batch 64 (about 4.5 epochs) with evaluation every 100 steps: about a CPU minute.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from multimnist_base import get_base as _multimnist  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs.multimnist_base import get_base as _multimnist
 
 
 def get_base(variant: str = ""):

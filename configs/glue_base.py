@@ -9,11 +9,7 @@ Variants: ``''``; ``'smoke'`` mock data, width 16, max length 16, a few steps; `
 prepared tfds data, 300 steps, max length 64.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conll_base import get_base as _text  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs.conll_base import get_base as _text
 
 
 def get_base(variant: str = ""):

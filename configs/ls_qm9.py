@@ -4,11 +4,7 @@
     python launch/train.py --config=configs/ls_qm9.py:quick --workdir=/tmp/ls_qm9
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qm9_base import get_base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs.qm9_base import get_base
 
 
 def get_config(arg: str = ""):

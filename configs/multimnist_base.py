@@ -11,12 +11,7 @@ offline digits variant (``digits_base``) is the real-data quick run; here ``quic
 of batch 64 on prepared tfds mnist.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from celeba_base import check_variant, smoke  # pylint: disable=g-import-not-at-top,wrong-import-position
-from common import base_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs.common import base_config, check_variant, smoke
 
 
 def get_base(variant: str = "", name: str = "multimnist", train_size: int = 50_000):

@@ -3,11 +3,7 @@
     python launch/train.py --config=configs/nash_glue.py:smoke --workdir=/tmp/nash_glue
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from glue_base import get_base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs.glue_base import get_base
 
 
 def get_config(arg: str = ""):

@@ -6,11 +6,7 @@ Nash-MTL's QM9 settings in the official code: ``update_weights_every=1``, ``opti
 ``max_norm=1.0`` (the method's own defaults).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qm9_base import get_base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs.qm9_base import get_base
 
 
 def get_config(arg: str = ""):

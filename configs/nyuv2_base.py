@@ -12,12 +12,7 @@ Variants: ``''`` the protocol (MTAN folder at ``data.data_dir``, default ~/mtl_d
 ``'quick'`` the real folder at 96×128 (resized), SegNet width 16, 200 steps: CPU minutes.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from celeba_base import check_variant, smoke  # pylint: disable=g-import-not-at-top,wrong-import-position
-from common import base_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs.common import base_config, check_variant, smoke
 
 
 def get_base(variant: str = "", name: str = "nyuv2", train_size: int = 795, batch: int = 2,

@@ -3,11 +3,7 @@
     python launch/train.py --config=configs/pcgrad_celeba.py:smoke --workdir=/tmp/pcgrad_celeba
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from celeba_base import get_base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs.celeba_base import get_base
 
 
 def get_config(arg: str = ""):

@@ -18,19 +18,11 @@ evaluation on 1,000 validation / 1,000 test molecules drawn at random from their
 (``data.eval_limit``; the first indices would be the smallest molecules): about 2-3 CPU minutes.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-VARIANTS = ("", "smoke", "quick")
+from mtl_jax.configs.common import base_config, check_variant
 
 
 def get_base(variant: str = ""):
-  variant = (variant or "").strip()
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; valid: '', smoke, quick")
+  variant = check_variant(variant)
   c = base_config()
   c.data.name = "qm9"
   c.data.source = "qm9pack"  # qm9pack (offline) | tfds (qm9/original, when prepared)

@@ -5,11 +5,7 @@ only its own task's gradient, so this equals 40 separate runs (FAMO protocol, ``
     python launch/train.py --config=configs/stl_celeba.py:smoke --workdir=/tmp/stl_celeba
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from celeba_base import get_base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs.celeba_base import get_base
 
 
 def get_config(arg: str = ""):

@@ -9,11 +9,7 @@ Variants: ``''`` (4 tasks, 500 steps), ``'smoke'`` (a few steps, tiny), ``'quick
 ``'multi'`` (smoke, multi-input batches).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs.common import base_config, check_variant
 
 
 def get_config(arg: str = ""):
@@ -39,7 +35,7 @@ def get_config(arg: str = ""):
   c.train.log_every = 20
   c.train.checkpoint_every = 100
   c.train.eval_batch_size = 64
-  variant = (arg or "").strip()
+  variant = check_variant(arg, ("", "smoke", "quick", "multi"))
   if variant in ("smoke", "multi"):
     c.data.num_train = 64
     c.data.num_eval = 32
@@ -54,6 +50,4 @@ def get_config(arg: str = ""):
   elif variant == "quick":
     c.train.num_steps = 200
     c.train.eval_every = 50
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}; valid: '', smoke, quick, multi")
   return c

@@ -15,7 +15,6 @@ naming the valid choices and exits with status 2; a non-finite loss with
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == "__main__":
   from mtl_jax import host_malloc  # pylint: disable=g-import-not-at-top

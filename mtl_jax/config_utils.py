@@ -34,12 +34,8 @@ class ConfigError(ValueError):
 
 
 def _schema() -> ml_collections.ConfigDict:
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.path.join(here, "configs", "common.py")
-  spec = importlib.util.spec_from_file_location("_mtl_jax_configs_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.base_config()
+  from mtl_jax.configs import common  # pylint: disable=g-import-not-at-top
+  return common.base_config()
 
 
 def one_of(kind: str, name: Any, valid: Iterable[str]) -> ConfigError:

@@ -11,13 +11,13 @@ from hypothesis import given, settings, strategies as st
 from mtl_jax import autodiff
 from mtl_jax import combiners as C
 from mtl_jax.combiners import base
-from mtl_jax.combiners.cagrad import cagrad_weights
-from mtl_jax.combiners.graddrop import graddrop_leaf
-from mtl_jax.combiners.gradvac import gradvac_coefficients
-from mtl_jax.combiners.imtl import imtl_g_weights
-from mtl_jax.combiners.mgda import min_norm_weights, project_simplex
-from mtl_jax.combiners.nash_mtl import kkt_residual, nash_solve_timing, solve
-from mtl_jax.combiners.pcgrad import pcgrad_coefficients
+from mtl_jax.combiners._cagrad import cagrad_weights
+from mtl_jax.combiners._graddrop import graddrop_leaf
+from mtl_jax.combiners._gradvac import gradvac_coefficients
+from mtl_jax.combiners._imtl import imtl_g_weights
+from mtl_jax.combiners._mgda import min_norm_weights, project_simplex
+from mtl_jax.combiners._nash_mtl import kkt_residual, nash_solve_timing, solve
+from mtl_jax.combiners._pcgrad import pcgrad_coefficients
 
 SETTINGS = settings(max_examples=8, deadline=None)
 KS = st.sampled_from([2, 3, 5])  # few distinct K: each K compiles once (the jits below are cached)

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from mtl_jax import combiners
 from mtl_jax.combiners import _qp
-from mtl_jax.combiners.aligned_mtl import balance_matrix as _balance_matrix
-from mtl_jax.combiners.fairgrad import solve_fairgrad
+from mtl_jax.combiners._aligned_mtl import balance_matrix as _balance_matrix
+from mtl_jax.combiners._fairgrad import solve_fairgrad
 
 # jit once per shape (eager while_loops would recompile on every hypothesis example)
 box_qp = jax.jit(_qp.box_qp)

@@ -1,13 +1,11 @@
 """Every benchmark config file of this module's family loads and validates for each variant."""
 
-import importlib.util
-import os
+import importlib
 
 import pytest
 
 from mtl_jax import config_utils
 
-HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 FILES = ("celeba_base", "nash_celeba", "pcgrad_celeba", "gradnorm_celeba", "ls_celeba",
          "stl_celeba", "multimnist_base", "nash_multimnist", "nyuv2_base", "nash_nyuv2",
          "cityscapes_base", "nash_cityscapes", "conll_base", "nash_conll", "glue_base",
@@ -17,10 +15,7 @@ DATA = {"celeba": "celeba", "multimnist": "multimnist", "nyuv2": "nyuv2",
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", os.path.join(HERE, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return importlib.import_module(f"mtl_jax.configs.{name}")
 
 
 @pytest.mark.parametrize("variant", ["", "smoke", "quick"])
@@ -50,5 +45,5 @@ def test_protocol_values():
 
 
 def test_unknown_variant():
-  with pytest.raises(ValueError, match="unknown variant 'fast'; valid: '', smoke, quick"):
+  with pytest.raises(ValueError, match="unknown config variant 'fast'; valid: '', smoke, quick"):
     _load("nash_celeba").get_config("fast")

@@ -261,12 +261,8 @@ def test_tfds_not_prepared_message(tmp_path):
 
 
 def test_configs_variants():
-  import importlib.util
-  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-  for name in ("nash_qm9", "ls_qm9"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+  from mtl_jax.configs import ls_qm9, nash_qm9
+  for mod in (nash_qm9, ls_qm9):
     full, smoke, quick = (mod.get_config(v) for v in ("", "smoke", "quick"))
     assert full.train.batch_size == 120 and full.train.num_epochs == 300
     assert full.model.width == 64 and full.optimizer.learning_rate == 1e-3

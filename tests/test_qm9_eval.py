@@ -7,8 +7,6 @@ smallest molecules only. The MPNN's fast path (edge network computed once for al
 checked against the per-pass formulation.
 """
 
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +18,7 @@ from mtl_jax import train as T
 from mtl_jax.data import qm9
 from mtl_jax.models import mpnn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "configs"))
-import ls_qm9  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mtl_jax.configs import ls_qm9
 
 
 def _smoke(**overrides):

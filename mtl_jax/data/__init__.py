@@ -6,12 +6,15 @@
 Every module of this package is imported here so that each registers itself (see ``registry``).
 """
 
-import importlib
-import pkgutil
-
 from mtl_jax.data.base import ArrayLoader, Benchmark
 from mtl_jax.data.registry import get, get_benchmark, names, register
 
-for _info in pkgutil.iter_modules(__path__):
-  if _info.name not in ("base", "registry") and not _info.name.startswith("_"):
-    importlib.import_module(f"{__name__}.{_info.name}")
+# Each module registers its benchmarks on import.
+from mtl_jax.data import celeba  # noqa: F401
+from mtl_jax.data import dense  # noqa: F401
+from mtl_jax.data import multimnist  # noqa: F401
+from mtl_jax.data import nlp  # noqa: F401
+from mtl_jax.data import qm9  # noqa: F401
+from mtl_jax.data import synthetic  # noqa: F401
+
+__all__ = ["ArrayLoader", "Benchmark", "get", "get_benchmark", "names", "register"]

@@ -5,12 +5,18 @@ modules register with ``@mtl_jax.models.registry.register('name')``. Every modul
 is imported here so that each registers its backbones.
 """
 
-import importlib
-import pkgutil
-
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import get, names, options, register
 
-for _info in pkgutil.iter_modules(__path__):
-  if _info.name not in ("base", "registry") and not _info.name.startswith("_"):
-    importlib.import_module(f"{__name__}.{_info.name}")
+# Each module registers its backbones on import.
+from mtl_jax.models import celeba_cnn  # noqa: F401
+from mtl_jax.models import dilated_resnet  # noqa: F401
+from mtl_jax.models import heads  # noqa: F401
+from mtl_jax.models import lenet  # noqa: F401
+from mtl_jax.models import mlp  # noqa: F401
+from mtl_jax.models import mpnn  # noqa: F401
+from mtl_jax.models import resnet  # noqa: F401
+from mtl_jax.models import segnet  # noqa: F401
+from mtl_jax.models import transformer  # noqa: F401
+
+__all__ = ["Backbone", "get", "names", "options", "register"]

@@ -4,11 +4,13 @@
 this package is imported here so that each registers its strategies.
 """
 
-import importlib
-import pkgutil
-
 from mtl_jax.sharing.base import MultiTaskModel, get, names, options, register
 
-for _info in pkgutil.iter_modules(__path__):
-  if _info.name not in ("base",) and not _info.name.startswith("_"):
-    importlib.import_module(f"{__name__}.{_info.name}")
+# Each module registers its strategies on import.
+from mtl_jax.sharing import hard  # noqa: F401
+from mtl_jax.sharing import moe  # noqa: F401
+from mtl_jax.sharing import mtan  # noqa: F401
+from mtl_jax.sharing import sparse  # noqa: F401
+from mtl_jax.sharing import towers  # noqa: F401
+
+__all__ = ["MultiTaskModel", "get", "names", "options", "register"]

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.combiners.base import JACOBIAN, Method, register
-from mtl_jax.combiners.pcgrad import new_key_data, split_key_data
+from mtl_jax.combiners._pcgrad import new_key_data, split_key_data
 
 
 class GradDropState(NamedTuple):

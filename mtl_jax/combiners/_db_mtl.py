@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.combiners.base import JACOBIAN, Method, register
-from mtl_jax.combiners.moco import (_rows, combine_rows, per_task_zeros, row_scale, shared_map,
+from mtl_jax.combiners._moco import (_rows, combine_rows, per_task_zeros, row_scale, shared_map,
                                     shared_update)
 
 

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 
 from mtl_jax.combiners.base import LOSSES, EmptyState, Method, register
-from mtl_jax.combiners.si import positive
+from mtl_jax.combiners._si import positive
 
 
 def geometric_weights(losses: jnp.ndarray, eps: float) -> jnp.ndarray:

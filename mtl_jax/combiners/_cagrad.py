@@ -31,7 +31,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from mtl_jax.combiners.base import GRAMIAN, EmptyState, Method, register
-from mtl_jax.combiners.mgda import simplex_minimize
+from mtl_jax.combiners._mgda import simplex_minimize
 
 RESCALES = (0, 1, 2)
 
