@@ -11,6 +11,8 @@ registries raise the same one-line errors.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import importlib.util
 import os
 from typing import Any, Iterable
@@ -138,3 +140,22 @@ def flag_error_line(err: BaseException, argv: list[str]) -> str:
   if len(lines) > 1:  # a traceback inside the message: its last line is the error itself
     return f"{lines[0].split(':')[0]}: {lines[-1]}"
   return lines[0]
+
+
+def config_digest(config) -> str:
+  """A short, stable digest of everything a config asks for (the sweep compares it with a finished
+  run's ``summary.json`` to tell a done run from a stale one). Key order does not matter; tuples and
+  lists are the same; a value's type matters only through its JSON form."""
+  tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+
+  def plain(x):
+    if isinstance(x, dict):
+      return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [plain(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):  # numpy scalars
+      return x.item()
+    return x
+
+  text = json.dumps(plain(tree), sort_keys=True, separators=(",", ":"), default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
