@@ -365,3 +365,32 @@ def test_gradvac_groups_contract(grouped_runs):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="valid: all, layer, matrix"):
     combiners.method("gradvac", 3, group="block")
+
+
+def test_config_two_tasks_is_the_official_closed_form():
+  """K=2: the official ``ConFIG_update_double`` (orthogonal components, no inverse)."""
+  j = spread_jacobian(9, 2, decades=3)
+  u1, u2 = j / np.linalg.norm(j, axis=1, keepdims=True)
+  or1 = j[1] - (j[1] @ u1) * u1  # the part of g2 orthogonal to g1
+  or2 = j[0] - (j[0] @ u2) * u2
+  o1, o2 = or1 / np.linalg.norm(or1), or2 / np.linalg.norm(or2)
+  best = (o2 @ u1) / (o1 @ u2) * o1 + o2
+  d_hat = best / np.linalg.norm(best)
+  ref = np.sum(j @ d_hat) * d_hat
+  w, _ = weigh("config", j)
+  np.testing.assert_allclose(w @ j, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+
+
+NEW = ("config", "krum", "modo", "ntkmtl", "go4align", "log_mgda", "log_cagrad", "log_imtl")
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_new_weightings_finite_on_norms_spread_1e0_to_1e8(name):
+  """The contract file spreads norms over 1e-4..1e4; the brief's 1e0..1e8 (K=5), plus a
+  duplicated and a zero task."""
+  jac = spread_jacobian(10, 5, decades=8)
+  jac[3] = jac[0]
+  jac[4] = 0.0
+  losses = np.array([0.5, 2.0, 1e3, 0.5, 1e-3])
+  w, _ = weigh(name, jac, losses=losses)
+  assert np.all(np.isfinite(w)), (name, w)
