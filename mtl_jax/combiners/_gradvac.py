@@ -1,9 +1,9 @@
-"""GradVac: Gradient Vaccine, as an exact weighting in Gramian space.
+"""GradVac: Gradient Vaccine, whole-model (an exact Gramian weighting) or per layer / matrix.
 
 Wang, Tsvetkov, Firat, Cao, "Gradient Vaccine: Investigating and Improving Multi-task Optimization
 in Massively Multilingual Models", ICLR 2021 (arXiv:2010.05874). No official code was released;
 the reference implementation is LibMTL's ``GradVac`` (``GradVac_beta=0.5``,
-``GradVac_group_type=0``), which we follow.
+``GradVac_group_type`` 0 / 1 / 2 = ``group`` 'all' / 'layer' / 'matrix'), which we follow.
 
 For every task ``i``, visiting the other tasks ``j`` in a random order, with ``pc_i`` starting at
 ``g_i`` and ``rho_ij = cos(pc_i, g_j)`` (norms plus 1e-8 as in LibMTL): if ``rho_ij < phi_ij``
@@ -13,7 +13,8 @@ The update is ``sum_i pc_i``. As for PCGrad, every ``pc_i`` is a combination of 
 so all of this runs on a K x K coefficient matrix with the Gramian; the EMA targets ``phi``
 (K x K, zeros at start as in LibMTL) and the PRNG key (uint32 key data) live in the state.
 
-Hyper-parameters: ``beta=0.5`` (LibMTL's default; the paper's experiments use 1e-2), ``seed``.
+Hyper-parameters: ``beta=0.5`` (LibMTL's default; the paper's experiments use 1e-2), ``seed``,
+``group='all'`` (LibMTL's default ``GradVac_group_type=0``).
 Task-specific parameters: ``specific='sum'`` (LibMTL: heads get their own unweighted gradient).
 Groups (``group``, LibMTL's ``GradVac_group_type``; the paper's per-layer variant): ``'all'``
 (``0``, the whole shared model, the default) is the Gramian weighting above. ``'layer'`` (``1``:
