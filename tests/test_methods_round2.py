@@ -262,7 +262,13 @@ def test_log_imtl_is_imtl_on_log_gradients():
   w_log, _ = weigh("log_imtl", jac, losses=losses)
   w_base, _ = weigh("imtl", jac / d[:, None], losses=losses)
   np.testing.assert_allclose(w_log, w_base / d, rtol=1e-4)
-  assert combiners.hparams("log_cagrad") == combiners.hparams("cagrad")
+  assert combiners.hparams("log_cagrad") == {**combiners.hparams("cagrad"), "max_norm": 1.0}
+  assert combiners.hparams("log_mgda") == combiners.hparams("mgda")
+  big = spread_jacobian(7, 3, decades=4)  # LOG_CAGrad clips the shared update to norm 1
+  w, _ = weigh("log_cagrad", big, losses=np.array([1e-3, 1e-2, 1.0]))
+  assert np.linalg.norm(w @ big) <= 1.0 + 1e-4
+  w, _ = weigh("log_cagrad", big, losses=np.array([1e-3, 1e-2, 1.0]), max_norm=0.0)
+  assert np.linalg.norm(w @ big) > 1.0
   with pytest.raises(ValueError, match="mode='gradient'"):
     combiners.method("log_imtl", 3, mode="loss")
 

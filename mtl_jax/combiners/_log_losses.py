@@ -9,14 +9,17 @@ log-loss decrease itself). We register them as ``log_mgda``, ``log_cagrad`` and 
 With ``D = diag(L + 1e-8)`` the Gramian of the log gradients is ``D^-1 G D^-1``; a base weighting's
 weights ``v`` on the log gradients are ``w = v / (L + 1e-8)`` on the task gradients. One generic
 wrapper (:func:`log_loss_method`) does this for any Gramian weighting, so the base methods' files
-are untouched and each variant takes exactly its base method's hyper-parameters and defaults. The
+are untouched and each variant takes its base method's hyper-parameters and defaults. The
 official variants differ after that step, and so do ours:
 
 * ``log_mgda``: the min-norm weights ``v`` (on the simplex) of the log gradients, then the loss
   ``sum_k v_k log(L_k + 1e-8) / c`` with ``c = sum_k v_k / (L_k + 1e-8)``: ``w`` is normalised to
   sum to 1 (so ``mgda``'s ``scale_by_k`` has no effect). Heads: ``w_k g_k`` (``specific='weighted'``).
 * ``log_cagrad``: CAGrad's update on the log gradients, times K (``sum_scale``) as the official
-  ``overwrite_grad``. Heads: ``specific='sum'``, see the deviations.
+  ``overwrite_grad``, then its norm clipped to ``max_norm=1.0`` (the official ``LOG_CAGrad.backward``
+  calls ``clip_grad_norm_`` on the shared parameters after writing the update; an extra
+  hyper-parameter next to ``cagrad``'s; ``<= 0``: no clip). Heads: ``specific='sum'``, see the
+  deviations.
 * ``log_imtl``: IMTL-G's ``alpha`` on the log gradients, the loss ``sum_k alpha_k log(L_k + 1e-8)``.
   Heads: ``w_k g_k`` (``specific='weighted'``). Only ``mode='gradient'`` (the official LOG_IMTLG).
 
@@ -34,21 +37,24 @@ negative loss has no log; the official code gives NaN).
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax.numpy as jnp
 
 from mtl_jax.combiners.base import Method, register
 from mtl_jax.combiners import _cagrad, _imtl, _mgda
+from mtl_jax.combiners._ntkmtl import clip_weights
 
 _EPS = 1e-8  # the official ``(loss + 1e-8).log()``
 
 
 def log_loss_method(base: Method, name: str, normalize: bool = False,
-                    specific: str | None = None) -> Method:
+                    specific: str | None = None, max_norm: float = 0.0) -> Method:
   """``base`` applied to the gradients of ``log(L_k + 1e-8)``; weights returned for the ``g_k``.
 
   ``normalize``: divide the weights by their sum (LOG_MGDA's ``c``); ``specific``: the head rule
-  (default: the base method's).
+  (default: the base method's); ``max_norm > 0``: scale the weights so that the shared update's
+  norm is at most ``max_norm`` (LOG_CAGrad's ``clip_grad_norm_``).
   """
   if not base.is_weighting or base.fresh is not None:
     raise ValueError(f"{name}: the log-loss wrapper takes a weighting without weight re-use, "
@@ -61,19 +67,29 @@ def log_loss_method(base: Method, name: str, normalize: bool = False,
     w = v / d
     if normalize:
       w = w / jnp.sum(w)
+    if max_norm > 0 and gramian is not None:
+      w = clip_weights(w, gramian, max_norm)
     return w, state
 
   return Method(name, base.num_tasks, base.needs, init=base.init, weigh=weigh,
                 specific=specific or base.specific)
 
 
-def _variant(name, base_fn, normalize=False, specific=None, check=None):
-  @functools.wraps(base_fn)  # the base method's hyper-parameters and defaults
+def _variant(name, base_fn, normalize=False, specific=None, check=None, clip=None):
+  """Register ``name``: the base method's hyper-parameters and defaults (plus ``max_norm=clip``
+  when ``clip`` is given)."""
+
+  @functools.wraps(base_fn)
   def make(num_tasks, **hp):
     if check is not None:
       check(hp)
-    return log_loss_method(base_fn(num_tasks, **hp), name, normalize, specific)
+    max_norm = float(hp.pop("max_norm", clip or 0.0))
+    return log_loss_method(base_fn(num_tasks, **hp), name, normalize, specific, max_norm)
 
+  if clip is not None:
+    sig = inspect.signature(base_fn)
+    extra = inspect.Parameter("max_norm", inspect.Parameter.KEYWORD_ONLY, default=clip)
+    make.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])
   make.__name__ = make.__qualname__ = name
   make.__doc__ = f"{name}: ``{base_fn.__name__}`` on the gradients of the log losses. See {__name__}."
   return register(name)(make)
@@ -85,5 +101,5 @@ def _gradient_mode_only(hp):
 
 
 log_mgda = _variant("log_mgda", _mgda.mgda, normalize=True)
-log_cagrad = _variant("log_cagrad", _cagrad.cagrad, specific="sum")
+log_cagrad = _variant("log_cagrad", _cagrad.cagrad, specific="sum", clip=1.0)
 log_imtl = _variant("log_imtl", _imtl.imtl, check=_gradient_mode_only)
