@@ -206,6 +206,17 @@ def _assert_one_accelerator_release(final):
       assert v == final["jax"], final
 
 
+def _run_install_cell(tmp_path, installed):
+  """The notebook's install cell alone, where ``installed`` is the runtime's JAX (pip: dry run)."""
+  env = _accelerator_env(tmp_path, installed)
+  cell = tmp_path / "install.py"
+  cell.write_text(_install_cell())
+  proc = subprocess.run([sys.executable, str(cell)], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return env, proc
+
+
 NEW = "9.9.0"  # newer than anything mtl_jax needs, and unlike our CPU pin
 RUNTIMES = {
     "cuda12": {"jax": NEW, "jaxlib": NEW, "jax-cuda12-plugin": NEW, "jax-cuda12-pjrt": NEW},
@@ -216,12 +227,7 @@ RUNTIMES = {
 @pytest.mark.parametrize("kind", sorted(RUNTIMES))
 def test_install_cell_keeps_an_accelerator_jax(tmp_path, kind):
   installed = RUNTIMES[kind]
-  env = _accelerator_env(tmp_path, installed)
-  cell = tmp_path / "install.py"
-  cell.write_text(_install_cell())
-  proc = subprocess.run([sys.executable, str(cell)], cwd=tmp_path, env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
+  env, proc = _run_install_cell(tmp_path, installed)
   assert f"keeping this runtime's {kind} JAX" in proc.stdout
   would = _would_install(tmp_path)
   assert not _jax_family(would) and "mtl-jax" in would, would
@@ -237,12 +243,7 @@ def test_install_cell_keeps_an_accelerator_jax(tmp_path, kind):
 def test_install_cell_moves_an_old_accelerator_jax_as_one_release(tmp_path):
   installed = {"jax": "0.1.0", "jaxlib": "0.1.0", "jax-cuda12-plugin": "0.1.0",
                "jax-cuda12-pjrt": "0.1.0"}
-  env = _accelerator_env(tmp_path, installed)
-  cell = tmp_path / "install.py"
-  cell.write_text(_install_cell())
-  proc = subprocess.run([sys.executable, str(cell)], cwd=tmp_path, env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
+  _, proc = _run_install_cell(tmp_path, installed)
   assert f"jax[cuda12]=={TESTED_JAX}" in proc.stdout
   would = _would_install(tmp_path)
   assert {"jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt"} <= set(would), would
