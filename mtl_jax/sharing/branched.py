@@ -23,6 +23,7 @@ Changing the tree of a trained model without changing its function is
 
 from __future__ import annotations
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -156,7 +157,9 @@ def branched(backbone, tasks, *, tree=None) -> MultiTaskModel:
   names = tuple(t.name for t in tasks)
   canon = T.canonical(tree, names, len(backbone.stages))
   module = BranchedModel(Defs(stage_defs(backbone)), Defs(head_defs(tasks)), names, canon)
+  describe = T.format_tree(canon, names)
+  logging.info("branched sharing: %s", describe)
   return MultiTaskModel("branched", module, names, shared_fn(canon),
                         options={"tree": T.to_list(canon)}, has_split=len(canon[-1]) == 1,
-                        info={"tree": canon, "describe": T.format_tree(canon, names)},
+                        info={"tree": canon, "describe": describe},
                         sample_input=backbone.sample_input)
