@@ -8,8 +8,7 @@ Gumbel-softmax (Jang et al. 2017; Maddison et al. 2017) so that the network weig
 branching logits train together by back-propagation. After the search each node keeps its most
 probable parent; following the tasks' paths up from the heads gives, per stage, the groups of tasks
 that share a node: a tree for the ``branched`` strategy (:func:`tree_from_logits`), which is then
-trained (from scratch, as in the paper, or from the searched weights through
-:func:`mtl_jax.structure.surgery`-style copies: not done here).
+trained from scratch, as in the paper.
 
 Choices, following LibMTL's implementation (``LibMTL/architecture/LTB.py``) where the paper leaves
 them open: ``nodes[s] = K`` at every stage by default (the search network is as large as K
@@ -18,8 +17,11 @@ one-hot forward, the soft sample's gradient backward); the temperature decays as
 ``tau = (E / 20) / sqrt(e + 1)`` over ``E = 100`` epochs, read here as a fraction of the search:
 ``tau(t) = tau_start / sqrt(1 + 99 t / T)`` (5 down to 0.5 by default). Deviations: (1) no warm-up
 epochs with all parents summed (LibMTL's first 1% of epochs); (2) the search minimises the plain
-sum of the task losses with Adam (one optimizer; the logits may get their own learning rate,
-``branch_learning_rate``), where the paper alternates weight and architecture updates; (3) nodes
+sum of the task losses with Adam, weights and logits in the same steps (the logits may get their
+own learning rate, ``branch_learning_rate``); the paper's optimisation schedule (learning rates,
+epochs, any alternation) is not reproduced; (3) the
+heads choose among the last stage's nodes, as the paper's task leaves do (LibMTL instead wires
+task k to node k of the last stage, which is then never shared); (4) nodes
 of stage 0 all read the input (the paper's root); integer leaves of a stage output (e.g. graph
 indices) are taken from the chosen parent instead of being mixed. AdaShare (Sun et al. 2020) is not
 offered: its per-task skip of residual blocks needs stages whose input and output shapes agree,
