@@ -87,6 +87,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if float(config.optimizer.learning_rate) <= 0:
     raise ConfigError(f"config.optimizer.learning_rate must be > 0, got "
                       f"{config.optimizer.learning_rate}")
+  o = config.optimizer
+  if o.schedule == "plateau":
+    if not 0 < float(o.plateau_factor) < 1:
+      raise ConfigError(f"config.optimizer.plateau_factor must be in (0, 1), got {o.plateau_factor}")
+    if int(o.plateau_patience) < 0 or float(o.plateau_min_lr) < 0:
+      raise ConfigError("config.optimizer.plateau_patience and plateau_min_lr must be >= 0, got "
+                        f"{o.plateau_patience} and {o.plateau_min_lr}")
 
 
 def task_list(tasks: Any) -> list[str] | str:

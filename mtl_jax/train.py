@@ -63,6 +63,7 @@ from mtl_jax import logging_utils
 from mtl_jax.models.base import sync_batch_norm
 
 AXIS = "data"
+_clock = time.perf_counter  # the run's timer (a test replaces it)
 PyTree = Any
 
 
@@ -752,22 +753,22 @@ def _log(run: Run, names, out: Outputs) -> None:
 def _pause(run: Run) -> None:
   """End a stretch of training steps (their results have been read, so the device is done)."""
   if run.mark is not None:
-    run.train_s += time.perf_counter() - run.mark
+    run.train_s += _clock() - run.mark
     run.mark = None
 
 
 def _resume_clock(run: Run) -> None:
-  run.mark = time.perf_counter()
+  run.mark = _clock()
 
 
 def _compile_first_step(run: Run, p: Program, batch, out: Outputs):
   """The first step of this process: compiles the program; timed apart from the others."""
   out.say(f"compiling the train step ({p.method.name}, engine mode {p.mode}, "
           f"{p.mesh.devices.size} device(s))…")
-  t0 = time.perf_counter()
+  t0 = _clock()
   run.state, metrics = p.step_fn(run.state, shard_batch(batch, p.mesh))
   jax.block_until_ready(metrics)
-  out.say(f"compiled and ran the first step in {time.perf_counter() - t0:.1f} s")
+  out.say(f"compiled and ran the first step in {_clock() - t0:.1f} s")
   return metrics
 
 
@@ -779,13 +780,16 @@ def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progr
   n, bar = p.num_steps, None
   batch = next(p.loader) if run.step < n else None
   while run.step < n:
-    if bar is None:  # this process's first step compiles: timed apart, before the bar starts
+    first = bar is None
+    if first:  # this process's first step compiles: timed apart, before the bar starts
       metrics = _compile_first_step(run, p, batch, out)
       bar = _bar(run.step, n, progress)
-      _resume_clock(run)
     else:
       run.state, metrics = p.step_fn(run.state, shard_batch(batch, p.mesh))
     run.step += 1
+    if first:  # steps/s counts the steps after it
+      run.log_step = run.step
+      _resume_clock(run)
     run.pending.append((run.step, metrics))
     batch = next(p.loader) if run.step < n else None  # read while the device runs the step
     run.ahead = batch is not None
@@ -873,7 +877,7 @@ def _summary(config, p: Program, run: Run, ev: Evaluator, t_start: float,
       "num_params": num_params,
       # training steps only: no compilation, evaluation or checkpointing
       "steps_per_sec": timed_steps / run.train_s if timed_steps > 0 and run.train_s > 0 else None,
-      "wall_time_s": time.perf_counter() - t_start,
+      "wall_time_s": _clock() - t_start,
       "skipped_steps": run.skipped,
       "num_devices": int(p.mesh.devices.size),
       "num_processes": int(jax.process_count()),
@@ -909,7 +913,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
   by SIGTERM before the end). ``built``: the result of :func:`build` when the caller has it.
   ``echo``: the start-up block, phase lines and resume/corruption notices also on stdout (the
   launcher's terminal); they always go to the INFO log."""
-  t_start = time.perf_counter()
+  t_start = _clock()
   say = _console(echo)
   say("initialising the model and the optimizer…")
   p = build_program(config, devices, built)
