@@ -25,12 +25,17 @@ Metrics come out of the same step: task losses, the combiner's weights, gradient
 conflict statistics from the Gramian the engine already computed (none in the ``losses`` mode),
 the norms of the combined gradient and of the parameter update, and the regulariser.
 
-:func:`fit` is the run: build from the config, restore the latest checkpoint of the workdir if any,
-train with evaluation every ``eval_every`` steps and best-on-validation selection, checkpoint every
-``checkpoint_every`` steps / at the end / on SIGTERM, and write ``summary.json``. The host checks the
-task losses of every step for NaN/Inf (the step's metrics are fetched every step anyway for the
-logs; the next batch is read from the loader before waiting for them, so the host work overlaps
-the device step).
+:func:`fit` is the run, a short sequence of named steps over one :class:`Run` record:
+:func:`build_program` (build from the config, initialise, jit; shared with :func:`run_steps`),
+:func:`restore_latest` (the newest checkpoint that restores; a corrupt one is moved aside to
+``<step>.corrupt``), then ``_loop`` — train, and at its boundaries ``_read_pending`` (the host's one
+read of the device's metrics since the last boundary, checked step by step for NaN/Inf so a
+non-finite step is reported at its own step), ``_log`` every ``log_every`` steps, ``_evaluate``
+every ``eval_every`` (best-on-validation selection, the plateau schedule), ``_save`` every
+``checkpoint_every`` / at the end / on SIGTERM — and ``_summary`` (``summary.json``, with the
+config's digest). Between boundaries the host never waits for the device: the next batch is read
+while the device runs the step. Steps/s counts training steps only (not the compiling first step,
+evaluation or checkpoints).
 """
 
 from __future__ import annotations

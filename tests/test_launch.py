@@ -120,3 +120,17 @@ def test_every_step_skipped_warns_and_exits_4(tmp_path):
   assert proc.stderr.splitlines()[-1] == (
       "error: every one of the 12 steps was skipped as non-finite "
       "(config.train.on_nonfinite='skip'): the parameters are the initial ones")
+
+
+def test_flag_error_line_never_loads_the_config_file(tmp_path):
+  from mtl_jax import config_utils  # pylint: disable=g-import-not-at-top
+  marker = tmp_path / "ran"
+  spec = tmp_path / "cfg.py"
+  spec.write_text(f"open({str(marker)!r}, 'w').close()\ndef get_config():\n  return None\n")
+  argv = ["train.py", f"--config={spec}", "--config.train.nope=1"]
+  line = config_utils.flag_error_line(AttributeError("'nope'"), argv)
+  assert line == "'nope'" and not marker.exists()
+  from mtl_jax.configs import synthetic  # pylint: disable=g-import-not-at-top
+  line = config_utils.flag_error_line(AttributeError("'nope'"), argv, synthetic.get_config("smoke"))
+  assert line.startswith("unknown config key 'config.train.nope'; valid keys of config.train: ")
+  assert not marker.exists()

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from mtl_jax import config_utils
 from mtl_jax import train
 from mtl_jax.configs import synthetic
 
@@ -77,6 +78,8 @@ def test_host_reads_only_at_boundaries_and_steps_per_sec_excludes_compile(tmp_pa
   rates = [r["steps_per_sec"] for r in recs if "losses" in r]
   assert len(rates) == 2 and all(r > 1.0 for r in rates), rates  # with compile: < 0.01
   assert summary["steps_per_sec"] > 1.0
+  written = json.loads((tmp_path / "w" / "summary.json").read_text())
+  assert written["config_digest"] == config_utils.config_digest(_config())
 
 
 def test_nonfinite_stop_names_the_step_it_happened_at(tmp_path, monkeypatch):
