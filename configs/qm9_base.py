@@ -11,7 +11,9 @@ Schedule here: ``optimizer.schedule='plateau'`` (``optax.contrib.reduce_on_plate
 PyTorch's ``ReduceLROnPlateau`` semantics, :func:`mtl_jax.train.make_plateau`), stepped on the
 validation Delta_m at every evaluation, and evaluation is every epoch. Deviation: the training
 loader drops the last incomplete batch of an epoch (923 full batches of 120 from 110,831
-molecules; PyG's loader also gives the 71-molecule remainder as a 924th batch).
+molecules; PyG's loader also gives the 71-molecule remainder as a 924th batch); the official
+scheduler also lowers the rate of a method's own parameters (one torch optimizer holds both),
+here it scales the model's update only.
 
 Variants: ``''`` the protocol; ``'smoke'`` fabricated molecules, tiny MPNN, a few steps (no files,
 no RDKit); ``'quick'`` real QM9 offline from qm9pack (the featurised cache is built once, about a

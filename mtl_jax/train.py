@@ -584,7 +584,6 @@ class Run:
 
 class Outputs(NamedTuple):
   """Where a run writes (all no-ops on processes other than 0, except the checkpoints)."""
-  workdir: str
   mngr: Any
   jsonl: logging_utils.JsonlWriter
   tb: logging_utils.TensorBoard
@@ -630,7 +629,7 @@ def _open_outputs(workdir: str, mngr, start: int, say) -> Outputs:
   jsonl.truncate_after(start)  # a resumed run rewrites the records of the steps it repeats
   tb = logging_utils.TensorBoard(os.path.join(workdir, "tensorboard"), enabled=main,
                                  purge_step=start if start else None)
-  return Outputs(workdir, mngr, jsonl, tb, say)
+  return Outputs(mngr, jsonl, tb, say)
 
 
 def _make_evaluator(config, p: Program) -> Evaluator:
