@@ -146,3 +146,14 @@ def test_tfrecord_folder_converted(tmp_path):
   prepare.convert(str(vdir), log=lambda *_: None)
   source = tfds_utils.open_source("celeb_a", "test", str(out))
   assert len(source) == 2 and source[0]["image"].shape == (218, 178, 3)
+
+
+def test_train_without_data_is_one_line_naming_the_command(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "train.py"),
+       f"--config={os.path.join(ROOT, 'configs', 'nash_celeba.py')}", f"--workdir={tmp_path / 'w'}"],
+      capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "none")))
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "`python launch/prepare.py celeba --source=DIR" in lines[0], lines

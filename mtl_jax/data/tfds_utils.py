@@ -18,15 +18,12 @@ import glob
 import os
 from typing import Any
 
-# ``launch/prepare.py`` commands building each tfds dataset from its official files.
+# ``launch/prepare.py NAME --source=DIR`` builds each tfds dataset; what DIR holds.
 PREPARE = {
-    "celeb_a": "python launch/prepare.py celeba --source=DIR (DIR: img_align_celeba/, "
-               "list_attr_celeba.txt, list_eval_partition.txt)",
-    "mnist": "python launch/prepare.py mnist --source=DIR (DIR: the four MNIST idx files)",
-    "conll2003": "python launch/prepare.py conll2003 --source=DIR (DIR: train.txt, valid.txt, "
-                 "test.txt)",
-    "glue": "python launch/prepare.py glue --source=DIR (DIR: GLUE's SST-2/, CoLA/, MRPC/, RTE/ "
-            "with train.tsv, dev.tsv)",
+    "celeb_a": ("celeba", "img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt"),
+    "mnist": ("mnist", "the four MNIST idx files"),
+    "conll2003": ("conll2003", "train.txt, valid.txt, test.txt"),
+    "glue": ("glue", "GLUE's SST-2/, CoLA/, MRPC/, RTE/ with train.tsv, dev.tsv"),
 }
 
 
@@ -75,11 +72,10 @@ def file_format(version_dir: str) -> str:
 
 
 def not_prepared_message(name: str, data_dir: str) -> str:
-  base = name.split(":")[0]
-  command = PREPARE[base.split("/")[0]]
-  return (f"tfds dataset {name!r} is not prepared in {data_dir}: run `{command} "
-          f"--data_dir={data_dir}`, or set config.data.data_dir to where it is prepared, or use "
-          f"config.data.mock=True")
+  command, holds = PREPARE[name.split(":")[0].split("/")[0]]
+  return (f"tfds dataset {name!r} is not prepared in {data_dir}: run `python launch/prepare.py "
+          f"{command} --source=DIR --data_dir={data_dir}` (DIR: {holds}), or set "
+          f"config.data.data_dir to where it is prepared, or use config.data.mock=True")
 
 
 def tfrecord_message(name: str, version_dir: str) -> str:
