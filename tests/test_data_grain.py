@@ -87,17 +87,35 @@ with open(log, "a") as f:
 """
 
 
+def _children(pid):
+  out = []
+  for d in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{d}/stat") as f:
+        if d.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+          out.append(int(d))
+    except OSError:
+      pass
+  return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc for the worker processes")
 def test_kill9_resume_with_workers_gives_the_same_batches(reference, tmp_path):
   log = tmp_path / "batches.txt"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  proc = subprocess.Popen([sys.executable, "-c", _CHILD, "0", str(log)], cwd=ROOT, env=env,
-                          start_new_session=True)
+  proc = subprocess.Popen([sys.executable, "-c", _CHILD, "0", str(log)], cwd=ROOT, env=env)
   deadline = time.time() + 240
   while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
     assert proc.poll() is None, "the loader process ended early"
     time.sleep(0.2)
-  os.killpg(proc.pid, signal.SIGKILL)  # the loader and its grain workers
+  workers = _children(proc.pid)
+  assert workers, "no grain worker processes"
+  os.kill(proc.pid, signal.SIGKILL)  # the loader's process only: its workers must follow it
   proc.wait()
+  deadline = time.time() + 30
+  while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
+    time.sleep(0.2)
+  assert not any(os.path.exists(f"/proc/{w}") for w in workers), "orphaned grain workers"
   done = [line.split() for line in log.read_text().splitlines()]
   assert [int(p) for p, _ in done] == [0, 1, 2, 3]
   subprocess.run([sys.executable, "-c", _CHILD, str(len(done)), str(log)], cwd=ROOT, env=env,

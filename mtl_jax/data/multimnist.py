@@ -81,6 +81,7 @@ def _array_benchmark(name, config, arrays, info):
   """A Benchmark over in-memory ``{split: (images, left, right)}``."""
   tasks = common.select(config.tasks, TASKS, f"{name} tasks")
   sizes = {s: int(len(arrays[s][0])) for s in SPLITS}
+  workers = common.workers(config, file_backed=False)  # in memory: 0 unless asked for
 
   def loader(split, batch_size, seed=0, shuffle=None, process_index=0, process_count=1,
              position=0):
@@ -95,7 +96,7 @@ def _array_benchmark(name, config, arrays, info):
     shuffle = split == "train" if shuffle is None else shuffle
     return ArrayLoader(sizes[split], fetch, batch_size, seed=seed, shuffle=shuffle,
                        process_index=process_index, process_count=process_count,
-                       position=position)
+                       position=position, workers=workers)
 
   return Benchmark(name=name, tasks=_tasks(tasks), backbone=common.backbone(config, "lenet", image_size=OUT),
                    loader=loader, reference={}, split_sizes=sizes, info=info)

@@ -140,7 +140,7 @@ def _tasks_conll(names, config):
                for n in names)
 
 
-def _array_loader(arrays_by_split, sizes):
+def _array_loader(arrays_by_split, sizes, workers=0):
   def loader(split, batch_size, seed=0, shuffle=None, process_index=0, process_count=1,
              position=0):
     if split not in SPLITS:
@@ -154,7 +154,7 @@ def _array_loader(arrays_by_split, sizes):
     shuffle = split == "train" if shuffle is None else shuffle
     return ArrayLoader(sizes[split], fetch, batch_size, seed=seed, shuffle=shuffle,
                        process_index=process_index, process_count=process_count,
-                       position=position)
+                       position=position, workers=workers)
 
   return loader
 
@@ -174,7 +174,8 @@ def get_conll(config) -> Benchmark:
       name="conll2003", tasks=_tasks_conll(tasks, config),
       backbone=common.backbone(config, "transformer", vocab_size=vocab_size, max_len=max_length,
                         num_layers=NUM_LAYERS),
-      loader=_array_loader(arrays, sizes), reference={}, split_sizes=sizes,
+      loader=_array_loader(arrays, sizes, common.workers(config, file_backed=False)),
+      reference={}, split_sizes=sizes,
       info={"vocab_size": vocab_size, "max_length": max_length,
             "mock": bool(common.config_get(config, "data.mock", False))})
 
