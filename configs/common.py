@@ -47,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mock = False  # tfds.testing.mock_data / fabricated arrays of the right shapes
   c.data.data_dir = ""  # tfds data_dir or dataset folder ("" = the library's default)
   c.data.image_size = 0  # 0 = the benchmark's default
+  # grain worker processes decoding files (CelebA, NYUv2, Cityscapes): -1 = one per core less one
+  c.data.workers = -1
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = ""  # "" = the benchmark's default backbone

@@ -21,6 +21,10 @@ The weightings' jacobian mode taps the layers where that is cheaper (``--layer_g
 :mod:`mtl_jax.taps`; ``layer_taps`` lists them); ``--untapped_reference`` also times the exact
 Nash-MTL step without taps (``references.nash_mtl_untapped_s``).
 
+``data``: examples/s of the CelebA input pipeline (prepared array_record of fabricated JPEGs;
+64x64, batch 256) with 0, 1 and 2 grain workers, against the examples/s one LS training step of
+the CelebA-40 protocol model consumes, and their ratios.
+
 ``params``: the parameter count of every sharing strategy for a backbone and K tasks (one-unit
 binary heads, as CelebA's), its ratio to K single-task models, and a JSON file
 ``{strategy: count, ..., "single_task": count of one single-task model}``. Counts come from
@@ -119,6 +123,110 @@ def run_params(args) -> dict:
   if args.out:
     with open(args.out, "w") as f:
       json.dump(report, f, indent=1, sort_keys=True)
+  return report
+
+
+# ---------------------------------------------------------------------------------------------
+# ``data``: the CelebA input pipeline against the training step (issue 18.2).
+
+
+def _data_args(p: argparse.ArgumentParser):
+  p.add_argument("--workers", default="0,1,2", help="comma-separated grain worker counts")
+  p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--image_size", type=int, default=64)
+  p.add_argument("--num_images", type=int, default=1024, help="fabricated 218x178 JPEGs")
+  p.add_argument("--batches", type=int, default=8, help="timed batches per worker count")
+  p.add_argument("--steps", type=int, default=3, help="timed training steps")
+  p.add_argument("--width", type=int, default=0, help="CNN width (0: the protocol's 64)")
+  p.add_argument("--out", default="", help="write the JSON report here")
+
+
+def _fabricated_celeba(root: str, n: int) -> str:
+  """``n`` smooth random 218x178 JPEGs and the two list files, prepared as tfds celeb_a."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from mtl_jax.data import celeba, prepare  # pylint: disable=g-import-not-at-top
+
+  src = os.path.join(root, "official")
+  os.makedirs(os.path.join(src, "img_align_celeba"))
+  rng = np.random.default_rng(0)
+  attrs, parts = [f"{n}", " ".join(celeba.ATTRIBUTES)], []
+  for i in range(n):
+    small = rng.integers(0, 256, (28, 23, 3), np.uint8)  # upsampled: JPEG-typical content
+    Image.fromarray(small).resize((178, 218), Image.BILINEAR).save(
+        os.path.join(src, "img_align_celeba", f"{i + 1:06d}.jpg"), quality=90)
+    attrs.append(f"{i + 1:06d}.jpg " + " ".join(rng.choice(["1", "-1"], 40)))
+    parts.append(f"{i + 1:06d}.jpg {0 if i < n - 2 else i - n + 3}")
+  with open(os.path.join(src, "list_attr_celeba.txt"), "w") as f:
+    f.write("\n".join(attrs) + "\n")
+  with open(os.path.join(src, "list_eval_partition.txt"), "w") as f:
+    f.write("\n".join(parts) + "\n")
+  data_dir = os.path.join(root, "tfds")
+  prepare.prepare("celeba", src, data_dir, log=lambda *_: None)
+  return data_dir
+
+
+def _step_rate(config, batch, steps: int) -> float:
+  """Training steps per second of ``config``'s jitted step on ``batch`` (the trainer's own
+  build, state and step; compile and one warm-up step excluded)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from mtl_jax import combiners, train  # pylint: disable=g-import-not-at-top
+
+  bench, model, method, mode = train.build(config)
+  mesh = train.make_mesh(None)
+  tx = train.make_optimizer(config, 100)
+  state, constants = train.init_state(config, model, bench, method, tx, mesh)
+  mask = combiners.resolve_mask(model.shared_mask, jax.device_get(state.params))
+  step = train.make_train_step(model, list(bench.tasks), method, tx, mesh, mode=mode,
+                               shared_mask=mask, constants=constants)
+  sharded = train.shard_batch(batch, mesh)
+  state, m = step(state, sharded)
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, sharded)
+  jax.block_until_ready(m)
+  return steps / (time.perf_counter() - t)
+
+
+@subcommand("data", _data_args)
+def run_data(args) -> dict:
+  """Examples/s of the CelebA pipeline (tfds array_record of fabricated JPEGs: read, decode,
+  PIL resize, batch) with each worker count, against the examples/s one LS training step of the
+  CelebA-40 protocol model consumes; ratio >= 1: the pipeline keeps the step fed."""
+  from mtl_jax import data  # pylint: disable=g-import-not-at-top
+  from mtl_jax.configs import celeba_base  # pylint: disable=g-import-not-at-top
+
+  bs = args.batch_size
+  with tempfile.TemporaryDirectory() as root:
+    config = celeba_base.get_base("")
+    config.data.data_dir = _fabricated_celeba(root, args.num_images)
+    config.data.image_size, config.train.batch_size, config.model.width = (
+        args.image_size, bs, args.width)
+    rates = {}
+    for w in [int(x) for x in args.workers.split(",")]:
+      config.data.workers = w
+      loader = data.get_benchmark(config).loader("train", bs, 0, True, 0, 1)
+      batch = next(loader)  # worker start-up and the first batch excluded
+      t = time.perf_counter()
+      for _ in range(args.batches):
+        next(loader)
+      rates[w] = args.batches * bs / (time.perf_counter() - t)
+      loader.close()
+    step_rate = _step_rate(config, batch, args.steps) * bs
+  report = {"batch_size": bs, "image_size": args.image_size, "step_examples_per_s": step_rate,
+            "pipeline_examples_per_s": rates, "cpu_count": os.cpu_count(),
+            "ratio_to_step": {w: r / step_rate for w, r in rates.items()}}
+  print(f"CelebA pipeline, {args.image_size}x{args.image_size}, batch {bs} "
+        f"({os.cpu_count()} CPUs); one LS step of the protocol model consumes "
+        f"{step_rate:.0f} examples/s")
+  for w, r in rates.items():
+    print(f"  workers={w}: {r:8.0f} examples/s  ratio to the step {r / step_rate:.2f}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
   return report
 
 

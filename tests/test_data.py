@@ -8,7 +8,7 @@ import pytest
 
 from configs.common import base_config
 import mtl_jax.data as D
-from mtl_jax.data import celeba, dense, multimnist, nlp, tfds_utils
+from mtl_jax.data import celeba, common, dense, multimnist, nlp, tfds_utils
 
 
 def _config(name, **data):
@@ -64,14 +64,15 @@ def test_celeba_subset_order_and_bad_name():
     D.get_benchmark(c)
 
 
-def test_resize_matrix_rows_sum_to_one_and_constant_preserved():
-  w = tfds_utils.resize_matrix(218, 64)
-  np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-6)
-  img = np.full((1, 218, 178, 3), 0.3, np.float32)
-  np.testing.assert_allclose(tfds_utils.resize_images(img, (64, 64)), 0.3, rtol=1e-5)
+def test_resize_bilinear_constant_preserved_and_antialiased():
+  img = np.full((1, 218, 178, 3), 77, np.uint8)
+  out = common.resize_bilinear(img, (64, 64))
+  assert out.dtype == np.uint8 and out.shape == (1, 64, 64, 3) and np.all(out == 77)
+  np.testing.assert_allclose(common.resize_bilinear(np.full((1, 9, 7), 0.3, np.float32), (4, 3)),
+                             0.3, rtol=1e-6)
   # Downscaling by 2 with the antialiased triangle filter averages neighbouring pixels.
-  x = np.arange(8, dtype=np.float32)[None, None, :, None].repeat(2, 1)
-  y = tfds_utils.resize_images(x, (2, 4))[0, 0, :, 0]
+  x = np.arange(8, dtype=np.float32)[None, None, :].repeat(2, 1)
+  y = common.resize_bilinear(x, (2, 4))[0, 0]
   # Pixel 0: centre 1.0, support 2: sources 0, 1, 2 weigh 0.75, 0.75, 0.25 (edge-renormalised).
   np.testing.assert_allclose(y, [1.25 / 1.75, 2.5, 4.5, 7 - 1.25 / 1.75], rtol=1e-5)
 
@@ -235,13 +236,13 @@ def test_split_sizes_and_sharding(benches):
 
 def test_tfds_not_prepared_and_tfrecord_messages(tmp_path):
   with pytest.raises(tfds_utils.DatasetNotPreparedError,
-                     match="not prepared .* `tfds build celeb_a --file_format=array_record"):
+                     match="not prepared .* `python launch/prepare.py celeba --source=DIR"):
     tfds_utils.check_prepared("celeb_a", str(tmp_path))
   vdir = tmp_path / "celeb_a" / "2.1.0"
   vdir.mkdir(parents=True)
   (vdir / "celeb_a-train.tfrecord-00000-of-00001").write_bytes(b"")
   with pytest.raises(tfds_utils.DatasetNotPreparedError,
-                     match="tfrecord-only .* `tfds convert_format --dataset_version_dir="):
+                     match="tfrecord-only .* `python launch/prepare.py convert --source="):
     tfds_utils.check_prepared("celeb_a", str(tmp_path))
   (vdir / "celeb_a-train.array_record-00000-of-00001").write_bytes(b"")
   tfds_utils.check_prepared("celeb_a", str(tmp_path))  # array_record present: fine

@@ -6,12 +6,14 @@ repository's ``experiments/celeba``): the aligned 218×178 images resized to 64�
 no normalisation), the official train / validation / test partition (162,770 / 19,867 / 19,962), one
 binary task per attribute with BCE, F1 per attribute, model selection on mean validation F1.
 
-Source: tfds ``celeb_a`` read with ``tfds.data_source`` (no TensorFlow). Tasks are named as tfds names
-the attributes (``5_o_Clock_Shadow`` ... ``Young``); ``config.tasks`` selects any subset in any order.
+Source: tfds ``celeb_a`` read with ``tfds.data_source`` (no TensorFlow), prepared from the official
+files with ``python launch/prepare.py celeba --source=DIR`` (:mod:`mtl_jax.data.prepare`). Tasks are
+named as tfds names the attributes (``5_o_Clock_Shadow`` ... ``Young``); ``config.tasks`` selects
+any subset in any order.
 
-Resizing is done in numpy with separable triangle-filter weights
-(:func:`mtl_jax.data.tfds_utils.resize_images`), the same filter as PIL's antialiased BILINEAR;
-it differs from PIL only in PIL's 8-bit intermediate rounding (≤ 1/255 per pixel).
+Pipeline: the JPEGs are decoded (by tfds) and resized with PIL's BILINEAR on the 8-bit images,
+exactly torchvision's ``Resize`` on PIL images, in ``config.data.workers`` grain worker processes
+(-1: one per core less one; see :class:`mtl_jax.data.base.ArrayLoader`).
 
 Batch: ``{'inputs': float32 [B, 64, 64, 3], 'targets': {attr: float32 [B] in {0, 1}}}``.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtl_jax.data import tfds_utils
+from mtl_jax.data import common, tfds_utils
 from mtl_jax.data.base import ArrayLoader, Benchmark
 from mtl_jax.data.registry import register
 
@@ -50,24 +52,9 @@ MOCK_SIZES = {"train": 48, "validation": 16, "test": 16}
 IMAGE_SIZE = 64
 
 
-def select(names, valid, what: str) -> tuple[str, ...]:
-  """``names`` ('all', a comma string or a sequence) checked against ``valid``, in given order."""
-  if names in ("all", "", None):
-    return tuple(valid)
-  if isinstance(names, str):
-    names = [n.strip() for n in names.split(",") if n.strip()]
-  names = tuple(names)
-  bad = [n for n in names if n not in valid]
-  if bad:
-    raise ValueError(f"unknown {what} {bad}; valid: {', '.join(valid)}")
-  if len(set(names)) != len(names):
-    raise ValueError(f"duplicate {what} in {list(names)}")
-  return names
-
-
 def images_to_model(images: np.ndarray, size: int) -> np.ndarray:
   """uint8 ``[B, H, W, 3]`` → float32 ``[B, size, size, 3]`` in [0, 1] (Resize then ToTensor)."""
-  return tfds_utils.resize_images(images.astype(np.float32) / 255.0, (size, size))
+  return common.resize_bilinear(images, (size, size)).astype(np.float32) / 255.0
 
 
 def make_fetch(source, attributes, size):
@@ -78,7 +65,9 @@ def make_fetch(source, attributes, size):
       images = source["image"][indices]
       attrs = {a: source["attributes"][a][indices] for a in attributes}
     else:
-      examples = [source[int(i)] for i in indices]
+      idx = [int(i) for i in indices]
+      examples = (source.__getitems__(idx) if hasattr(source, "__getitems__")
+                  else [source[i] for i in idx])
       images = np.stack([e["image"] for e in examples])
       attrs = {a: np.array([e["attributes"][a] for e in examples]) for a in attributes}
     return {
@@ -96,39 +85,15 @@ def _tasks(attributes):
   return tuple(T.binary_task(a) for a in attributes)
 
 
-def backbone(config, default: str, **defaults):
-  """The benchmark's backbone: ``config.model.backbone`` or ``default``, ``config.model.width``
-  (see ``WIDTH_UNIT``); ``defaults`` (input size, vocabulary, ...) apply to ``default`` only.
-  Configs leave ``model.backbone`` empty so that this backbone, with those options, is used."""
-  from mtl_jax import models  # pylint: disable=g-import-not-at-top
-
-  name = tfds_utils.config_get(config, "model.backbone", "") or default
-  opts = dict(defaults) if name == default else {}  # the defaults fit the default backbone only
-  width = tfds_utils.config_get(config, "model.width", 0)
-  if width:
-    if name not in WIDTH_UNIT and isinstance(models.options(name).get("width"), float):
-      raise ValueError(f"backbone {name!r} takes a width multiplier with no channel unit in "
-                       f"WIDTH_UNIT; valid backbones for config.model.width: "
-                       f"{', '.join(sorted(WIDTH_UNIT))} and those with an integer width")
-    opts["width"] = width / WIDTH_UNIT[name] if name in WIDTH_UNIT else int(width)
-  return models.get(name, **opts)
-
-
-# Backbones whose ``width`` option is a multiplier: ``config.model.width`` (an int, the schema's
-# type) is their first layer's channels (the transformer's model width), divided by the paper's
-# value at ``width=1`` to give the multiplier.
-WIDTH_UNIT = {"celeba_cnn": 64, "lenet": 10, "segnet": 64, "resnet18": 64, "dilated_resnet": 64,
-              "transformer": 256, "mpnn": 64}
-
-
 @register("celeba")
 def get_benchmark(config) -> Benchmark:
-  attributes = select(config.tasks, ATTRIBUTES, "CelebA attributes")
-  size = int(tfds_utils.config_get(config, "data.image_size", 0) or IMAGE_SIZE)
-  mock = bool(tfds_utils.config_get(config, "data.mock", False))
-  data_dir = tfds_utils.config_get(config, "data.data_dir", "")
+  attributes = common.select(config.tasks, ATTRIBUTES, "CelebA attributes")
+  size = int(common.config_get(config, "data.image_size", 0) or IMAGE_SIZE)
+  mock = bool(common.config_get(config, "data.mock", False))
+  data_dir = common.config_get(config, "data.data_dir", "")
+  workers = common.workers(config, file_backed=not mock)
   if mock:
-    sources = {s: tfds_utils.stack(tfds_utils.mock_examples(TFDS_NAME, s, MOCK_SIZES[s]))
+    sources = {s: common.stack(tfds_utils.mock_examples(TFDS_NAME, s, MOCK_SIZES[s]))
                for s in SPLITS}
     sizes = dict(MOCK_SIZES)
   else:
@@ -142,12 +107,13 @@ def get_benchmark(config) -> Benchmark:
     shuffle = split == "train" if shuffle is None else shuffle
     return ArrayLoader(sizes[split], make_fetch(sources[split], attributes, size), batch_size,
                        seed=seed, shuffle=shuffle, process_index=process_index,
-                       process_count=process_count, position=position)
+                       process_count=process_count, position=position, workers=workers)
 
   stl = dict(zip(ATTRIBUTES, STL_F1))
   return Benchmark(
       name="celeba", tasks=_tasks(attributes),
-      backbone=backbone(config, "celeba_cnn", image_size=size), loader=loader,
+      backbone=common.backbone(config, "celeba_cnn", image_size=size), loader=loader,
       reference={a: {"f1": stl[a]} for a in attributes}, split_sizes=sizes,
       info={"select": "mean_main", "image_size": size, "mock": mock, "source": "tfds celeb_a",
+            "workers": workers,
             "paper": "FAMO (Liu et al., NeurIPS 2023), CelebA protocol"})

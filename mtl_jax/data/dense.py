@@ -33,9 +33,9 @@ import os
 
 import numpy as np
 
-from mtl_jax.data import tfds_utils
+from mtl_jax.data import common
+from mtl_jax.data.tfds_utils import DatasetNotPreparedError
 from mtl_jax.data.base import ArrayLoader, Benchmark
-from mtl_jax.data.celeba import backbone, select
 from mtl_jax.data.registry import register
 
 SPLITS = ("train", "validation", "test")
@@ -90,9 +90,10 @@ def _folders(spec: DenseSpec) -> dict[str, str]:
 
 
 def missing_message(spec: DenseSpec, path: str) -> str:
-  return (f"{spec.name} folder {path} not found: download {spec.download} and unzip it so that "
-          f"{{root}}/train/image/0.npy exists, then set config.data.data_dir to that root (default "
-          f"{default_root(spec)}), or use config.data.mock=True")
+  return (f"{spec.name} folder {path} not found: download {spec.download}, run `python "
+          f"launch/prepare.py {spec.name} --source=<the zip or its unpacked folder>` (installs it "
+          f"in {default_root(spec)}; --data_dir=ROOT elsewhere, then config.data.data_dir=ROOT), "
+          f"or use config.data.mock=True")
 
 
 def count_examples(spec: DenseSpec, root: str, folder: str) -> int:
@@ -100,7 +101,7 @@ def count_examples(spec: DenseSpec, root: str, folder: str) -> int:
   for sub in _folders(spec).values():
     path = os.path.join(root, folder, sub)
     if not os.path.isdir(path):
-      raise FileNotFoundError(missing_message(spec, path))
+      raise DatasetNotPreparedError(missing_message(spec, path))
   return sum(1 for f in os.listdir(os.path.join(root, folder, "image")) if f.endswith(".npy"))
 
 
@@ -175,8 +176,8 @@ def random_scale_crop_flip(ex: dict[str, np.ndarray], rng) -> dict[str, np.ndarr
 
 
 def _resize_nearest(x: np.ndarray, shape) -> np.ndarray:
-  rows = tfds_utils.nearest_indices(x.shape[0], shape[0])
-  cols = tfds_utils.nearest_indices(x.shape[1], shape[1])
+  rows = common.nearest_indices(x.shape[0], shape[0])
+  cols = common.nearest_indices(x.shape[1], shape[1])
   return x[rows][:, cols]
 
 
@@ -233,21 +234,22 @@ def _tasks(spec: DenseSpec, names):
 
 
 def build(spec: DenseSpec, config) -> Benchmark:
-  tasks = select(config.tasks, spec.tasks, f"{spec.name} tasks")
-  mock = bool(tfds_utils.config_get(config, "data.mock", False))
-  seed = int(tfds_utils.config_get(config, "seed", 0))
-  size = int(tfds_utils.config_get(config, "data.image_size", 0))
+  tasks = common.select(config.tasks, spec.tasks, f"{spec.name} tasks")
+  mock = bool(common.config_get(config, "data.mock", False))
+  workers = common.workers(config, file_backed=not mock)
+  seed = int(common.config_get(config, "seed", 0))
+  size = int(common.config_get(config, "data.image_size", 0))
   shape = None
   if size:  # image height; width keeps the benchmark's aspect ratio
     shape = (size, int(round(size * spec.shape[1] / spec.shape[0])))
-  augment = bool(tfds_utils.config_get(config, "data.augment", False))
+  augment = bool(common.config_get(config, "data.augment", False))
   if mock:
     import tempfile  # pylint: disable=g-import-not-at-top
 
     root = tempfile.mkdtemp(prefix=f"mtl_jax_mock_{spec.name}_")
     write_fabricated(spec, root, shape=shape or spec.shape, seed=seed)
   else:
-    root = tfds_utils.config_get(config, "data.data_dir", "") or default_root(spec)
+    root = common.config_get(config, "data.data_dir", "") or default_root(spec)
   counts = {f: count_examples(spec, root, f) for f in ("train", "val")}
   sizes = {s: counts[FOLDER[s]] for s in SPLITS}
 
@@ -260,7 +262,7 @@ def build(spec: DenseSpec, config) -> Benchmark:
                        shape)
     return ArrayLoader(sizes[split], fetch, batch_size, seed=seed, shuffle=shuffle,
                        process_index=process_index, process_count=process_count,
-                       position=position)
+                       position=position, workers=workers)
 
   hw = tuple(shape or spec.shape)
   levels = 5
@@ -268,9 +270,10 @@ def build(spec: DenseSpec, config) -> Benchmark:
     levels -= 1
   return Benchmark(
       name=spec.name, tasks=_tasks(spec, tasks),
-      backbone=backbone(config, "segnet", levels=levels, image_size=hw),
+      backbone=common.backbone(config, "segnet", levels=levels, image_size=hw),
       loader=loader, reference={t: spec.reference[t] for t in tasks}, split_sizes=sizes,
-      info={"root": root, "mock": mock, "augment": augment, "shape": shape or spec.shape,
+      info={"root": root, "mock": mock, "augment": augment, "workers": workers,
+            "shape": shape or spec.shape,
             "paper": "MTAN (Liu et al., CVPR 2019) preprocessing; CAGrad/Nash-MTL STL baseline"})
 
 

@@ -15,7 +15,7 @@ differs run to run); here it is seeded. It has no validation split; here a fixed
 across splits); ``test`` is built from the 10,000 MNIST test digits.
 
 Digits variant (offline, real data): scikit-learn's ``load_digits`` (1,797 8×8 images, values 0..16)
-scaled to 0..255, upsampled 8→28 with linear interpolation, then the same construction; the digits
+scaled to 0..255, upsampled 8→28 with linear interpolation (PIL BILINEAR), then the same construction; the digits
 are split 60/20/20 (train/validation/test, fixed seed) and each digit is paired with
 ``data.pairs_per_image`` partners (default 4) from its split, giving 4,312 / 1,436 / 1,440 images.
 
@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtl_jax.data import tfds_utils
+from mtl_jax.data import common, tfds_utils
 from mtl_jax.data.base import ArrayLoader, Benchmark
-from mtl_jax.data.celeba import backbone, select
 from mtl_jax.data.registry import register
 
 TASKS = ("left", "right")
@@ -47,7 +46,7 @@ def overlay(left: np.ndarray, right: np.ndarray, out_size: int = OUT) -> np.ndar
   canvas[:, OFFSET:OFFSET + DIGIT, OFFSET:OFFSET + DIGIT] = right
   canvas[:, OFFSET:DIGIT, OFFSET:DIGIT] = np.maximum(left[:, OFFSET:, OFFSET:],
                                                      right[:, :DIGIT - OFFSET, :DIGIT - OFFSET])
-  rows = tfds_utils.nearest_indices(CANVAS, out_size)
+  rows = common.nearest_indices(CANVAS, out_size)
   return canvas[:, rows][:, :, rows]
 
 
@@ -80,8 +79,9 @@ def _tasks(names):
 
 def _array_benchmark(name, config, arrays, info):
   """A Benchmark over in-memory ``{split: (images, left, right)}``."""
-  tasks = select(config.tasks, TASKS, f"{name} tasks")
+  tasks = common.select(config.tasks, TASKS, f"{name} tasks")
   sizes = {s: int(len(arrays[s][0])) for s in SPLITS}
+  workers = common.workers(config, file_backed=False)  # in memory: 0 unless asked for
 
   def loader(split, batch_size, seed=0, shuffle=None, process_index=0, process_count=1,
              position=0):
@@ -96,27 +96,27 @@ def _array_benchmark(name, config, arrays, info):
     shuffle = split == "train" if shuffle is None else shuffle
     return ArrayLoader(sizes[split], fetch, batch_size, seed=seed, shuffle=shuffle,
                        process_index=process_index, process_count=process_count,
-                       position=position)
+                       position=position, workers=workers)
 
-  return Benchmark(name=name, tasks=_tasks(tasks), backbone=backbone(config, "lenet", image_size=OUT),
+  return Benchmark(name=name, tasks=_tasks(tasks), backbone=common.backbone(config, "lenet", image_size=OUT),
                    loader=loader, reference={}, split_sizes=sizes, info=info)
 
 
 def _mnist_splits(config):
-  mock = bool(tfds_utils.config_get(config, "data.mock", False))
+  mock = bool(common.config_get(config, "data.mock", False))
   if mock:
-    raw = {s: tfds_utils.stack(tfds_utils.mock_examples("mnist", s if s == "test" else "train",
+    raw = {s: common.stack(tfds_utils.mock_examples("mnist", s if s == "test" else "train",
                                                         MOCK_SIZES[s]))
            for s in SPLITS}
     return {s: (raw[s]["image"][..., 0], raw[s]["label"]) for s in SPLITS}
-  data_dir = tfds_utils.config_get(config, "data.data_dir", "")
+  data_dir = common.config_get(config, "data.data_dir", "")
   out = {}
   for split in ("train", "test"):
     source = tfds_utils.open_source("mnist", split, data_dir)
     examples = [source[i] for i in range(len(source))]
     out[split] = (np.stack([e["image"][..., 0] for e in examples]),
                   np.array([e["label"] for e in examples]))
-  train_idx, val_idx = tfds_utils.split_indices(
+  train_idx, val_idx = common.split_indices(
       len(out["train"][0]), [1 - MNIST_VALIDATION / len(out["train"][0]),
                              MNIST_VALIDATION / len(out["train"][0])], seed=0)
   images, labels = out["train"]
@@ -127,14 +127,14 @@ def _mnist_splits(config):
 
 @register("multimnist")
 def get_benchmark(config) -> Benchmark:
-  pair_seed = int(tfds_utils.config_get(config, "data.pair_seed", 0))
+  pair_seed = int(common.config_get(config, "data.pair_seed", 0))
   splits = _mnist_splits(config)
   arrays = {}
   for i, s in enumerate(SPLITS):
     x, yl, yr = make_pairs(splits[s][0], splits[s][1], 1, seed=pair_seed * 7919 + i)
     arrays[s] = (normalise(x), yl, yr)
   return _array_benchmark("multimnist", config, arrays, {
-      "mock": bool(tfds_utils.config_get(config, "data.mock", False)), "source": "tfds mnist",
+      "mock": bool(common.config_get(config, "data.mock", False)), "source": "tfds mnist",
       "paper": "Sener & Koltun (NeurIPS 2018), MultiMNIST"})
 
 
@@ -147,16 +147,16 @@ def digits_images():
 
   d = load_digits()
   images = d.images.astype(np.float32) * (255.0 / 16.0)
-  up = tfds_utils.resize_images(images[..., None], (DIGIT, DIGIT), antialias=False)[..., 0]
+  up = common.resize_bilinear(images, (DIGIT, DIGIT))  # upsampling: PIL's linear filter
   return np.clip(up, 0, 255), d.target.astype(np.int32)
 
 
 @register("digits")
 def get_digits_benchmark(config) -> Benchmark:
-  pair_seed = int(tfds_utils.config_get(config, "data.pair_seed", 0))
-  per = int(tfds_utils.config_get(config, "data.pairs_per_image", 4))
+  pair_seed = int(common.config_get(config, "data.pair_seed", 0))
+  per = int(common.config_get(config, "data.pairs_per_image", 4))
   images, labels = digits_images()
-  parts = tfds_utils.split_indices(len(images), DIGITS_FRACTIONS, seed=0)
+  parts = common.split_indices(len(images), DIGITS_FRACTIONS, seed=0)
   arrays = {}
   for i, (s, idx) in enumerate(zip(SPLITS, parts)):
     x, yl, yr = make_pairs(images[idx], labels[idx], per, seed=pair_seed * 7919 + i)

@@ -35,9 +35,8 @@ import re
 
 import numpy as np
 
-from mtl_jax.data import tfds_utils
+from mtl_jax.data import common, tfds_utils
 from mtl_jax.data.base import ArrayLoader, Benchmark
-from mtl_jax.data.celeba import backbone, select
 from mtl_jax.data.registry import register
 
 PAD, UNK, CLS, SEP = 0, 1, 2, 3
@@ -104,10 +103,10 @@ def pair_ids(a: list[int], b: list[int] | None, max_length: int) -> list[int]:
 
 
 def _conll_examples(config, split):
-  if tfds_utils.config_get(config, "data.mock", False):
+  if common.config_get(config, "data.mock", False):
     return tfds_utils.mock_examples("conll2003", "train", MOCK_SIZES[split])
   source = tfds_utils.open_source("conll2003", CONLL_SPLITS[split],
-                                  tfds_utils.config_get(config, "data.data_dir", ""))
+                                  common.config_get(config, "data.data_dir", ""))
   return [source[i] for i in range(len(source))]
 
 
@@ -141,7 +140,7 @@ def _tasks_conll(names, config):
                for n in names)
 
 
-def _array_loader(arrays_by_split, sizes):
+def _array_loader(arrays_by_split, sizes, workers=0):
   def loader(split, batch_size, seed=0, shuffle=None, process_index=0, process_count=1,
              position=0):
     if split not in SPLITS:
@@ -155,29 +154,30 @@ def _array_loader(arrays_by_split, sizes):
     shuffle = split == "train" if shuffle is None else shuffle
     return ArrayLoader(sizes[split], fetch, batch_size, seed=seed, shuffle=shuffle,
                        process_index=process_index, process_count=process_count,
-                       position=position)
+                       position=position, workers=workers)
 
   return loader
 
 
 @register("conll2003")
 def get_conll(config) -> Benchmark:
-  tasks = select(config.tasks, CONLL_TASKS, "conll2003 tasks")
-  max_length = int(tfds_utils.config_get(config, "data.max_length", 128))
+  tasks = common.select(config.tasks, CONLL_TASKS, "conll2003 tasks")
+  max_length = int(common.config_get(config, "data.max_length", 128))
   examples = {s: _conll_examples(config, s) for s in SPLITS}
   vocab = build_vocab([[_text(w) for w in e["tokens"]] for e in examples["train"]],
-                      int(tfds_utils.config_get(config, "data.vocab_size", 30000)),
-                      int(tfds_utils.config_get(config, "data.min_count", 2)))
+                      int(common.config_get(config, "data.vocab_size", 30000)),
+                      int(common.config_get(config, "data.min_count", 2)))
   arrays = {s: conll_arrays(examples[s], vocab, tasks, max_length) for s in SPLITS}
   sizes = {s: len(examples[s]) for s in SPLITS}
   vocab_size = len(vocab) + len(SPECIALS)
   return Benchmark(
       name="conll2003", tasks=_tasks_conll(tasks, config),
-      backbone=backbone(config, "transformer", vocab_size=vocab_size, max_len=max_length,
+      backbone=common.backbone(config, "transformer", vocab_size=vocab_size, max_len=max_length,
                         num_layers=NUM_LAYERS),
-      loader=_array_loader(arrays, sizes), reference={}, split_sizes=sizes,
+      loader=_array_loader(arrays, sizes, common.workers(config, file_backed=False)),
+      reference={}, split_sizes=sizes,
       info={"vocab_size": vocab_size, "max_length": max_length,
-            "mock": bool(tfds_utils.config_get(config, "data.mock", False))})
+            "mock": bool(common.config_get(config, "data.mock", False))})
 
 
 # ------------------------------------------------------------------------------------------ GLUE
@@ -185,13 +185,13 @@ def get_conll(config) -> Benchmark:
 
 def _glue_raw(config, task):
   """``{split: list of examples}`` with the hidden-label test split replaced (see module doc)."""
-  if tfds_utils.config_get(config, "data.mock", False):
+  if common.config_get(config, "data.mock", False):
     return {s: tfds_utils.mock_examples(f"glue/{task}", "train", MOCK_SIZES[s]) for s in SPLITS}
-  data_dir = tfds_utils.config_get(config, "data.data_dir", "")
+  data_dir = common.config_get(config, "data.data_dir", "")
   train = tfds_utils.open_source(f"glue/{task}", "train", data_dir)
   dev = tfds_utils.open_source(f"glue/{task}", "validation", data_dir)
-  frac = float(tfds_utils.config_get(config, "data.validation_fraction", 0.1))
-  tr, va = tfds_utils.split_indices(len(train), (1 - frac, frac), seed=0)
+  frac = float(common.config_get(config, "data.validation_fraction", 0.1))
+  tr, va = common.split_indices(len(train), (1 - frac, frac), seed=0)
   return {"train": [train[int(i)] for i in tr], "validation": [train[int(i)] for i in va],
           "test": [dev[i] for i in range(len(dev))]}
 
@@ -297,13 +297,13 @@ def _tasks_glue(names):
 
 @register("glue")
 def get_glue(config) -> Benchmark:
-  tasks = select(config.tasks, GLUE_TASKS, "glue tasks")
-  max_length = int(tfds_utils.config_get(config, "data.max_length", 128))
+  tasks = common.select(config.tasks, GLUE_TASKS, "glue tasks")
+  max_length = int(common.config_get(config, "data.max_length", 128))
   raw = {t: _glue_raw(config, t) for t in tasks}
   train_sentences = [split_words(_text(e[f])) for t in tasks for e in raw[t]["train"]
                      for f in GLUE_TEXT[t]]
-  vocab = build_vocab(train_sentences, int(tfds_utils.config_get(config, "data.vocab_size", 30000)),
-                      int(tfds_utils.config_get(config, "data.min_count", 1)))
+  vocab = build_vocab(train_sentences, int(common.config_get(config, "data.vocab_size", 30000)),
+                      int(common.config_get(config, "data.min_count", 1)))
   arrays = {t: {s: glue_arrays(raw[t][s], t, vocab, max_length) for s in SPLITS} for t in tasks}
   sizes = {s: {t: len(raw[t][s]) for t in tasks} for s in SPLITS}
 
@@ -327,9 +327,9 @@ def get_glue(config) -> Benchmark:
   vocab_size = len(vocab) + len(SPECIALS)
   return Benchmark(
       name="glue", tasks=_tasks_glue(tasks),
-      backbone=backbone(config, "transformer", vocab_size=vocab_size, max_len=max_length,
+      backbone=common.backbone(config, "transformer", vocab_size=vocab_size, max_len=max_length,
                         num_layers=NUM_LAYERS, output="pooled"),
       loader=loader, reference={}, multi_input=True,
       split_sizes={s: sum(sizes[s].values()) for s in SPLITS},
       info={"vocab_size": vocab_size, "max_length": max_length, "task_split_sizes": sizes,
-            "mock": bool(tfds_utils.config_get(config, "data.mock", False))})
+            "mock": bool(common.config_get(config, "data.mock", False))})

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtl_jax.data import common
 from mtl_jax.data.base import ArrayLoader, Benchmark
 from mtl_jax.data.registry import register
 from mtl_jax.models.base import Backbone
@@ -170,6 +171,7 @@ def get_benchmark(config) -> Benchmark:
   sizes = {"train": opts["num_train"], "validation": opts["num_eval"], "test": opts["num_eval"]}
   salts = {"train": 0, "validation": 1, "test": 2}
   multi = bool(opts["multi_input"])
+  workers = common.workers(config, file_backed=False)  # in memory: 0 unless asked for
   cache = {}
 
   def arrays(split):
@@ -197,7 +199,7 @@ def get_benchmark(config) -> Benchmark:
         return {"inputs": x[idx], "targets": {n: ys[n][idx] for n in names}}
     return ArrayLoader(sizes[split], fetch, batch_size, seed=seed, shuffle=shuffle,
                        process_index=process_index, process_count=process_count,
-                       position=position)
+                       position=position, workers=workers)
 
   reference = {}
   for n in names:

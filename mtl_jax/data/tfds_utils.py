@@ -1,10 +1,10 @@
 """Reading tfds datasets through ``tfds.data_source`` (random access, no TensorFlow).
 
 ``tfds.data_source`` reads the ``array_record`` file format only. ``tfds build`` (and Colab) write
-``tfrecord`` by default, so :func:`open_source` looks at the prepared folder first and, for a
-tfrecord-only dataset, raises one line with the exact rebuild / convert command; a dataset that is
-not prepared at all raises one line with the ``tfds build`` command (and ``manual_dir`` where the
-dataset needs manual downloads).
+``tfrecord`` by default, so :func:`open_source` looks at the prepared folder first: a dataset that
+is not prepared raises one line naming the ``launch/prepare.py`` command that builds it from the
+official files (no TensorFlow: :mod:`mtl_jax.data.prepare`), a tfrecord-only dataset one line
+naming the ``launch/prepare.py convert`` command that rewrites it as array_record.
 
 Mock mode (``config.data.mock``): :func:`mock_examples` runs ``tfds.testing.mock_data`` (checked to
 serve ``data_source`` in tfds 4.9.10 for celeb_a, mnist, conll2003 and glue: it fabricates random
@@ -15,24 +15,23 @@ not depend on the mock context staying open.
 from __future__ import annotations
 
 import glob
-import importlib
 import os
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
-
-# Builder modules that ``tfds.data_source`` does not register on its own (text datasets).
-_BUILDER_MODULES = {
-    "conll2003": "tensorflow_datasets.text.conll2003.conll2003",
-    "glue": "tensorflow_datasets.text.glue",
+# ``launch/prepare.py NAME --source=DIR`` builds each tfds dataset; what DIR holds.
+PREPARE = {
+    "celeb_a": ("celeba", "img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt"),
+    "mnist": ("mnist", "the four MNIST idx files"),
+    "conll2003": ("conll2003", "train.txt, valid.txt, test.txt"),
+    "glue": ("glue", "GLUE's SST-2/, CoLA/, MRPC/, RTE/ with train.tsv, dev.tsv"),
 }
 
-# Datasets whose download needs files placed by hand.
-_MANUAL = {}
 
+class DatasetNotPreparedError(FileNotFoundError, ValueError):
+  """A dataset is missing or in a format ``data_source`` cannot read (one-line message).
 
-class DatasetNotPreparedError(FileNotFoundError):
-  """A tfds dataset is missing or in a format ``data_source`` cannot read (one-line message)."""
+  Also a ``ValueError``: the configuration points at data that is not there, and the launchers
+  print such errors as one line and exit with status 2."""
 
 
 def default_data_dir() -> str:
@@ -46,9 +45,12 @@ def _tfds():
 
 
 def _import_builder(name: str) -> None:
+  """Registers the builders ``tfds.data_source`` does not import on its own (text datasets)."""
   base = name.split("/")[0].split(":")[0]
-  if base in _BUILDER_MODULES:
-    importlib.import_module(_BUILDER_MODULES[base])
+  if base == "conll2003":
+    from tensorflow_datasets.text.conll2003 import conll2003  # pylint: disable=g-import-not-at-top,unused-import
+  elif base == "glue":
+    from tensorflow_datasets.text import glue  # pylint: disable=g-import-not-at-top,unused-import
 
 
 def _version_dirs(name: str, data_dir: str) -> list[str]:
@@ -70,19 +72,16 @@ def file_format(version_dir: str) -> str:
 
 
 def not_prepared_message(name: str, data_dir: str) -> str:
-  manual = _MANUAL.get(name.split("/")[0], "")
-  extra = f" ({manual})" if manual else ""
-  return (f"tfds dataset {name!r} is not prepared in {data_dir}: run `tfds build {name.split(':')[0]} "
-          f"--file_format=array_record --data_dir={data_dir}`{extra}, set config.data.data_dir to "
-          f"where it is, or use config.data.mock=True")
+  command, holds = PREPARE[name.split(":")[0].split("/")[0]]
+  return (f"tfds dataset {name!r} is not prepared in {data_dir}: run `python launch/prepare.py "
+          f"{command} --source=DIR --data_dir={data_dir}` (DIR: {holds}), or set "
+          f"config.data.data_dir to where it is prepared, or use config.data.mock=True")
 
 
 def tfrecord_message(name: str, version_dir: str) -> str:
   return (f"tfds dataset {name!r} in {version_dir} is tfrecord-only and tfds.data_source reads "
-          f"array_record: convert it with `tfds convert_format --dataset_version_dir={version_dir} "
-          f"--out_file_format=array_record --out_dir={version_dir}_array_record` (needs TensorFlow, "
-          f"e.g. on Colab) and point config.data.data_dir there, or rebuild with `tfds build "
-          f"{name.split(':')[0]} --file_format=array_record`")
+          f"array_record: run `python launch/prepare.py convert --source={version_dir}` (writes "
+          f"array_record files next to the tfrecord ones, no TensorFlow needed)")
 
 
 def check_prepared(name: str, data_dir: str) -> None:
@@ -127,61 +126,3 @@ def mock_examples(name: str, split: str, num_examples: int) -> list[dict]:
   with tfds.testing.mock_data(num_examples=num_examples):
     source = tfds.data_source(name, split=split)
     return [source[i] for i in range(len(source))]
-
-
-def stack(examples: Sequence[Any]) -> Any:
-  """Stacks a list of (nested dict) examples into arrays with a leading axis."""
-  first = examples[0]
-  if isinstance(first, dict):
-    return {k: stack([e[k] for e in examples]) for k in first}
-  return np.stack([np.asarray(e) for e in examples])
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers shared by the benchmark modules.
-
-
-def config_get(config, path: str, default):
-  """``config.a.b`` or ``default`` when the field is absent or falsy-zero (schema defaults)."""
-  node = config
-  for key in path.split("."):
-    node = node.get(key, None) if hasattr(node, "get") else getattr(node, key, None)
-    if node is None:
-      return default
-  return node
-
-
-def resize_matrix(in_size: int, out_size: int, antialias: bool = True) -> np.ndarray:
-  """``[out, in]`` weights of linear (triangle-filter) resampling, half-pixel centres.
-
-  With ``antialias`` the filter widens by the downscale factor, as PIL's BILINEAR (what
-  torchvision's ``Resize`` on PIL images uses) and ``jax.image.resize(..., antialias=True)`` do.
-  """
-  scale = in_size / out_size
-  support = max(scale, 1.0) if antialias else 1.0
-  centres = (np.arange(out_size) + 0.5) * scale
-  src = np.arange(in_size) + 0.5
-  w = np.maximum(0.0, 1.0 - np.abs(src[None, :] - centres[:, None]) / support)
-  return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def resize_images(images: np.ndarray, size: tuple[int, int], antialias: bool = True) -> np.ndarray:
-  """Resizes ``[B, H, W, C]`` images to ``size`` with separable linear weights (numpy only)."""
-  h, w = images.shape[1:3]
-  if (h, w) == tuple(size):
-    return images.astype(np.float32)
-  wh = resize_matrix(h, size[0], antialias)
-  ww = resize_matrix(w, size[1], antialias)
-  return np.einsum("oh,bhwc,pw->bopc", wh, images.astype(np.float32), ww, optimize=True)
-
-
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-  """Source index of each output pixel for nearest-neighbour resizing (PIL's convention)."""
-  return np.minimum(np.floor((np.arange(out_size) + 0.5) * in_size / out_size), in_size - 1).astype(int)
-
-
-def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
-  """A fixed-seed partition of ``range(n)`` into consecutive chunks of the given fractions."""
-  perm = np.random.default_rng(seed).permutation(n)
-  cuts = np.cumsum([int(round(f * n)) for f in fractions[:-1]])
-  return [np.sort(p) for p in np.split(perm, cuts)]
