@@ -208,6 +208,58 @@ def test_report_files(fabricated):
   assert json.loads((out / "report.json").read_text())["mixes"]["a+b"]["tasks"] == ["a", "b"]
 
 
+GOLDEN = os.path.join(ROOT, "tests", "data", "report_golden")
+
+
+def _report_files(out):
+  """``{relative path: bytes}`` of a report directory."""
+  files = {}
+  for dirpath, _, names in os.walk(out):
+    for n in names:
+      path = os.path.join(dirpath, n)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, out)] = f.read()
+  return files
+
+
+def test_report_byte_identical_to_golden(fabricated):
+  """``build_report``'s output on the fabricated runs is byte for byte the one recorded before it
+  was split into sections (``MTL_UPDATE_GOLDEN=1`` rewrites the record): the text files verbatim
+  (the root's path replaced by ``<ROOT>``), the PNGs by SHA-256 when matplotlib is the version
+  that wrote them. Two reports: the defaults, and a title, a fixed target and a toy picture."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  root, out1, _ = fabricated
+  out2 = root / "report_toy"
+  study.build_report(str(root), str(out2), toy=str(out1 / "plots" / "delta_mix_2_a_b.png"),
+                     title="Golden", target_delta_m=5.0)
+  got = {}
+  for tag, out in (("defaults", out1), ("toy", out2)):
+    for rel, data in _report_files(out).items():
+      key = f"{tag}/{rel}"
+      got[key] = (hashlib.sha256(data).hexdigest().encode() if rel.endswith(".png") else
+                  data.replace(str(root).encode(), b"<ROOT>"))
+  pngs = {k: v.decode() for k, v in got.items() if k.endswith(".png")}
+  texts = {k: v for k, v in got.items() if not k.endswith(".png")}
+  record = os.path.join(GOLDEN, "png_sha256.json")
+  if os.environ.get("MTL_UPDATE_GOLDEN"):
+    for k, v in texts.items():
+      os.makedirs(os.path.dirname(os.path.join(GOLDEN, k)), exist_ok=True)
+      with open(os.path.join(GOLDEN, k), "wb") as f:
+        f.write(v)
+    with open(record, "w") as f:
+      json.dump({"matplotlib": matplotlib.__version__, "png": pngs}, f, indent=1, sort_keys=True)
+  with open(record) as f:
+    want_png = json.load(f)
+  assert sorted(pngs) == sorted(want_png["png"])
+  if want_png["matplotlib"] == matplotlib.__version__:
+    assert pngs == want_png["png"]
+  want = {k: v for k, v in _report_files(GOLDEN).items() if k != "png_sha256.json"}
+  assert sorted(texts) == sorted(want)
+  for k, v in texts.items():
+    assert v == want[k], k
+
+
 def test_report_without_stl_uses_reference_and_errors(tmp_path):
   _write_run(tmp_path / "r0", ["a", "b"], {"a": 1.0, "b": 2.0}, 0, "ls", 10)
   with open(tmp_path / "r0" / "summary.json") as f:
