@@ -209,13 +209,16 @@ def build_report(root: str, out: str, *, alpha: float = 0.05,
                  thresholds: overfit_lib.Thresholds = overfit_lib.Thresholds(),
                  toy: Optional[str] = None, title: str = "") -> dict:
   """Write the report of every finished run under ``root`` into ``out``; returns its numbers."""
-  runs = runs_lib.find_runs(root)
+  runs, stale = runs_lib.scan(root)
   if not runs:
-    raise FileNotFoundError(f"{root}: no finished run (no summary.json) under it")
+    raise FileNotFoundError(f"{root}: no finished run (no summary.json) under it"
+                            + (f"; {len(stale)} stale run(s) left out" if stale else ""))
   os.makedirs(os.path.join(out, "plots"), exist_ok=True)
   s = _study(runs, alpha, thresholds)
-  doc = _Doc(out, _header(root, s, title))
+  doc = _Doc(out, _header(root, s, title, stale))
   numbers: dict[str, Any] = {"mixes": {}, "stl": {}}
+  if stale:
+    numbers["stale"] = [dataclasses.asdict(x) for x in stale]
   _stl_section(doc, s, numbers["stl"])
   for mix, methods in runs_lib.group_runs(runs).items():
     m = _mix(s, mix, methods)
@@ -237,13 +240,18 @@ def build_report(root: str, out: str, *, alpha: float = 0.05,
   return numbers
 
 
-def _header(root: str, s: _Study, title: str) -> list[str]:
+def _header(root: str, s: _Study, title: str, stale: Sequence[runs_lib.Stale] = ()) -> list[str]:
   n_stl = sum(len(v) for v in s.stl.values())
   benchmarks = sorted({r.benchmark for r in s.runs})
-  return [f"# {title or 'Study report'}", "",
-          f"Runs under `{os.path.abspath(root)}`: {len(s.runs)} finished ({n_stl} single-task, "
-          f"{len(s.runs) - n_stl} multi-task); benchmark(s): {', '.join(benchmarks)}. Test "
-          f"metrics of the model selected on validation; mean ± sample std over seeds.", ""]
+  lines = [f"# {title or 'Study report'}", "",
+           f"Runs under `{os.path.abspath(root)}`: {len(s.runs)} finished ({n_stl} single-task, "
+           f"{len(s.runs) - n_stl} multi-task); benchmark(s): {', '.join(benchmarks)}. Test "
+           f"metrics of the model selected on validation; mean ± sample std over seeds.", ""]
+  if stale:
+    lines += [f"Left out: {len(stale)} stale run(s), finished with another config than the "
+              f"sweep lists for them (rerun the sweep with `--stale=rerun`): "
+              f"{', '.join(x.label for x in stale)}.", ""]
+  return lines
 
 
 def _stl_section(doc: _Doc, s: _Study, numbers: dict) -> None:
