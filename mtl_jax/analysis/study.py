@@ -265,7 +265,8 @@ def _stl_section(doc: _Doc, s: _Study, numbers: dict) -> None:
     rows.append([t, m, _ms(runs_lib.metric_samples(rs, t, m)), len(rs),
                  int(np.mean([r.summary.get("num_params", 0) for r in rs])),
                  _ms([r.summary.get("steps_per_sec") for r in rs])])
-    numbers[t] = {"mean": s.stl_mean[t], "n": len(rs)}
+    numbers[t] = {"mean": s.stl_mean[t], "n": len(rs),
+                  "benchmark": ",".join(sorted({r.benchmark for r in rs}))}
   doc.table(tables.Table(["task", "metric", "test", "seeds", "params", "steps/s"], rows,
                          caption="Single-task (STL) runs", label="tab:stl"), "stl")
 
@@ -290,7 +291,9 @@ def _mix(s: _Study, mix: tuple, methods: Mapping[str, list]) -> _Mix:
   label = runs_lib.mix_name(mix)
   source = ("the single-task runs above (mean over their seeds)" if have_stl else
             "the benchmark's published single-task numbers (the runs' own Δm%)")
-  return _Mix(mix, label, _slug(f"mix_{len(mix)}_{label}")[:60], ref, source, rows, {})
+  bench = ",".join(sorted({r.benchmark for rs in methods.values() for r in rs}))
+  return _Mix(mix, label, _slug(f"mix_{len(mix)}_{label}")[:60], ref, source, rows,
+              {"benchmark": bench})
 
 
 def _main_table(doc: _Doc, s: _Study, m: _Mix, target_delta_m: Optional[float]) -> None:
