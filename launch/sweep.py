@@ -201,7 +201,7 @@ def run_state(root: str, r: RunSpec, digest: str, config=None) -> RunState:
   path = os.path.join(r.workdir(root), runs_lib.SUMMARY)
   if not os.path.exists(path):
     return RunState("todo", digest)
-  summary = runs_lib.load_run(r.workdir(root)).summary
+  summary = runs_lib.read_summary(r.workdir(root))
   recorded = runs_lib.recorded_digest(summary)
   if recorded == digest:
     return RunState("done", digest, recorded=recorded)

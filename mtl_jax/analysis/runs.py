@@ -98,13 +98,19 @@ def read_jsonl(path: str) -> list[dict]:
   return out
 
 
-def load_run(workdir: str, label: str = "") -> Run:
-  """The :class:`Run` of ``workdir``; raises ``FileNotFoundError`` if it has no ``summary.json``."""
+def read_summary(workdir: str) -> dict:
+  """The parsed ``summary.json`` of ``workdir`` (non-finite numbers back to floats); raises
+  ``FileNotFoundError`` if the run has not finished."""
   path = os.path.join(workdir, SUMMARY)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir}: no {SUMMARY} (the run has not finished)")
   with open(path) as f:
-    summary = _number(json.load(f))
+    return _number(json.load(f))
+
+
+def load_run(workdir: str, label: str = "") -> Run:
+  """The :class:`Run` of ``workdir``; raises ``FileNotFoundError`` if it has no ``summary.json``."""
+  summary = read_summary(workdir)
   records = read_jsonl(os.path.join(workdir, METRICS))
   evals = sorted((r for r in records if "eval" in r), key=lambda r: r["step"])
   train = sorted((r for r in records if "eval" not in r), key=lambda r: r["step"])
