@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 Array = jax.Array
 
@@ -62,18 +63,18 @@ def _match(pred: Array, target: Array) -> Array:
 
 
 def bce_with_logits(pred: Array, target: Array) -> Array:
-  """Binary cross-entropy on logits; NaN targets (missing labels) are ignored."""
+  """Binary cross-entropy on logits (``optax.losses.sigmoid_binary_cross_entropy``, stable for
+  any logit); NaN targets (missing labels) are ignored."""
   target = jnp.asarray(target, jnp.float32)
   pred = _match(pred, target).astype(jnp.float32)
   valid = ~jnp.isnan(target)
-  t = jnp.where(valid, target, 0.0)
-  # log(1 + e^x) - t x, written stably.
-  loss = jnp.maximum(pred, 0.0) - pred * t + jnp.log1p(jnp.exp(-jnp.abs(pred)))
+  loss = optax.losses.sigmoid_binary_cross_entropy(pred, jnp.where(valid, target, 0.0))
   return _masked_mean(loss, valid)
 
 
 def cross_entropy(logits: Array, labels: Array, ignore_index: int = -1) -> Array:
-  """Softmax cross-entropy over the last axis of ``logits``; labels equal to ``ignore_index``
+  """Softmax cross-entropy over the last axis of ``logits``
+  (``optax.losses.softmax_cross_entropy_with_integer_labels``); labels equal to ``ignore_index``
   (or outside ``[0, C)``) are ignored. Works for (B, C), (B, T, C) and (B, H, W, C) logits."""
   labels = jnp.asarray(labels)
   if logits.shape[:-1] != labels.shape:
@@ -81,8 +82,7 @@ def cross_entropy(logits: Array, labels: Array, ignore_index: int = -1) -> Array
   c = logits.shape[-1]
   valid = (labels != ignore_index) & (labels >= 0) & (labels < c)
   safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
   return _masked_mean(nll, valid)
 
 

@@ -4,6 +4,7 @@ workdirs, and one small real run (digits) end to end."""
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -80,30 +81,95 @@ def _write_config(tmp_path, body):
   return str(path)
 
 
-def test_sweep_cli_emit_skips_finished_runs_and_bad_names(tmp_path):
-  cfg = _write_config(tmp_path, [
-      "c.base = 'configs/nash_digits.py:smoke'", "c.overrides = ('train.num_steps=2',)",
-      "c.combiners = ('ls', 'mgda')", "c.sharing = ('hard',)", "c.seeds = (0,)",
-      "c.task_mixes = ('left,right',)", "c.single_task = True", "return c"])
+def _finished(sweep_dir, name, config):
+  """A finished run's summary.json recording ``config``."""
+  run = sweep_dir.joinpath(*name.split("/"))
+  run.mkdir(parents=True)
+  (run / "summary.json").write_text(json.dumps({"config": config, "tasks": ["left"]}))
+  return run
+
+
+_EMIT_SWEEP = ["c.base = 'configs/nash_digits.py:smoke'", "c.overrides = ('train.num_steps=2',)",
+               "c.combiners = ('ls', 'mgda')", "c.sharing = ('hard',)", "c.seeds = (0,)",
+               "c.task_mixes = ('left,right',)", "c.single_task = True", "return c"]
+
+
+def _sweep_cli(*args, cwd):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"), *args],
+                        cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_sweep_cli_done_stale_and_emitted_commands(tmp_path):
+  """Done = finished with the config the sweep would run now (its digest); a run finished with
+  another config stops the sweep (listed with what differs) or, with --stale=rerun, is moved
+  aside and rerun; the emitted commands hold absolute paths only. Run from another directory."""
+  from mtl_jax import config_utils  # pylint: disable=g-import-not-at-top
+  cfg = _write_config(tmp_path, _EMIT_SWEEP)
   wd = tmp_path / "sweep"
-  done = wd / "left+right" / "hard" / "ls" / "s0"
-  done.mkdir(parents=True)
-  (done / "summary.json").write_text("{}")
+  runs = {r.name: r for r in sweep.expand(ml_collections.ConfigDict(dict(
+      base="configs/nash_digits.py:smoke", overrides=("train.num_steps=2",),
+      combiners=("ls", "mgda"), sharing=("hard",), seeds=(0,), task_mixes=("left,right",),
+      single_task=True)))}
+  base = sweep.resolve_base("configs/nash_digits.py:smoke")
+  assert os.path.isabs(base) and base.endswith("configs/nash_digits.py:smoke")
+  now = {n: sweep.run_config(r, str(wd), base).to_dict() for n, r in runs.items()}
+  _finished(wd, "left+right/hard/ls/s0", now["left+right/hard/ls/s0"])  # done
+  old = json.loads(json.dumps(now["stl/left/s0"]))
+  old["train"]["num_steps"] = 150  # an earlier sweep's setting
+  stale_dir = _finished(wd, "stl/left/s0", old)
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  dry = _sweep_cli(f"--config={cfg}", f"--workdir={wd}", "--dry_run", cwd=elsewhere)
+  assert dry.returncode == 0, dry.stderr
+  assert "4 runs (2 single-task), 1 already done, 3 to run (1 stale)" in dry.stdout
+  assert "[stale] stl/left/s0 (train.num_steps 150 -> 2)" in dry.stdout
+  assert "[done] left+right/hard/ls/s0" in dry.stdout
   emit = tmp_path / "cmds.txt"
-  out = subprocess.run([sys.executable, "launch/sweep.py", f"--config={cfg}", f"--workdir={wd}",
-                        f"--emit={emit}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  stop = _sweep_cli(f"--config={cfg}", f"--workdir={wd}", f"--emit={emit}", cwd=elsewhere)
+  assert stop.returncode == 2 and not emit.exists()
+  assert stop.stderr.strip().splitlines()[-1].startswith("error: 1 finished run(s) were made "
+                                                         "with another config")
+  out = _sweep_cli(f"--config={cfg}", f"--workdir={wd}", f"--emit={emit}", "--stale=rerun",
+                   cwd=elsewhere)
   assert out.returncode == 0, out.stderr
-  assert "4 runs (2 single-task), 1 already done, 3 to run" in out.stdout
+  moved = f"{stale_dir}.stale-{config_utils.config_digest(old)}"
+  assert f"moved to {moved}" in out.stdout
+  with open(os.path.join(moved, "summary.json")) as f:
+    assert json.load(f)["config"] == old  # kept, not deleted
   lines = emit.read_text().splitlines()
-  assert len(lines) == 3 and all("launch/train.py" in l for l in lines)
-  assert not any("/ls/s0" in l for l in lines) and any("--config.tasks=right" in l for l in lines)
+  assert len(lines) == 3 and not any("/ls/s0" in l for l in lines)
+  assert any("--config.tasks=left " in l + " " for l in lines)
+  for l in lines:  # absolute interpreter, script, config and workdir: they run from anywhere
+    args = shlex.split(l)
+    assert all(os.path.isabs(a) for a in args[:2]), args
+    assert os.path.isabs(args[2].split("=", 1)[1]) and os.path.isabs(args[3].split("=", 1)[1])
   manifest = json.loads((wd / "sweep.json").read_text())
   assert [r["name"] for r in manifest["runs"]][0] == "stl/left/s0"
-  bad = subprocess.run([sys.executable, "launch/sweep.py", f"--config={cfg}", f"--workdir={wd}",
-                        "--dry_run", "--config.combiners=('lss',)"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-  assert bad.returncode == 2
-  assert bad.stderr.strip().splitlines()[-1].startswith("error: unknown combiner 'lss'")
+  want = {n: config_utils.config_digest(c) for n, c in now.items()}
+  assert {r["name"]: r["config_digest"] for r in manifest["runs"]} == want
+
+
+def test_sweep_cli_list_syntax_and_bad_names(tmp_path):
+  """The README's list syntax (``--config.combiners=ls,famo``, ``--config.seeds=0,1``; a tuple
+  of mixes, each comma-separated); bad names and bad overrides are one line, exit 2."""
+  cfg = _write_config(tmp_path, _EMIT_SWEEP)
+  wd = tmp_path / "sweep"
+  out = _sweep_cli(f"--config={cfg}", f"--workdir={wd}", "--dry_run", "--config.combiners=ls,famo",
+                   "--config.seeds=0,1", "--config.task_mixes=('left,right','left')", cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  names = [l.split("]", 1)[1].split(":")[0].strip() for l in out.stdout.splitlines()
+           if l.startswith("[")]
+  assert sorted(n for n in names if not n.startswith("stl/")) == sorted(
+      f"{mix}/hard/{c}/s{s}" for mix in ("left+right", "left") for c in ("ls", "famo")
+      for s in (0, 1))
+  assert sweep.expand(sweep_config(combiners="ls, famo", seeds=("0,1",)))[4].combiner == "ls"
+  for flag, msg in (("--config.combiners=('lss',)", "error: unknown combiner 'lss'"),
+                    ("--config.combiners=ls,lss", "error: unknown combiner 'lss'"),
+                    ("--config.overrides=('train.nosuch=1',)", "error: run stl/left/s0: ")):
+    bad = _sweep_cli(f"--config={cfg}", f"--workdir={wd}", "--dry_run", flag, cwd=tmp_path)
+    assert bad.returncode == 2, flag
+    assert bad.stderr.strip().splitlines()[-1].startswith(msg), bad.stderr
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +274,58 @@ def test_report_files(fabricated):
   assert json.loads((out / "report.json").read_text())["mixes"]["a+b"]["tasks"] == ["a", "b"]
 
 
+GOLDEN = os.path.join(ROOT, "tests", "data", "report_golden")
+
+
+def _report_files(out):
+  """``{relative path: bytes}`` of a report directory."""
+  files = {}
+  for dirpath, _, names in os.walk(out):
+    for n in names:
+      path = os.path.join(dirpath, n)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, out)] = f.read()
+  return files
+
+
+def test_report_byte_identical_to_golden(fabricated):
+  """``build_report``'s output on the fabricated runs is byte for byte the one recorded before it
+  was split into sections (``MTL_UPDATE_GOLDEN=1`` rewrites the record): the text files verbatim
+  (the root's path replaced by ``<ROOT>``), the PNGs by SHA-256 when matplotlib is the version
+  that wrote them. Two reports: the defaults, and a title, a fixed target and a toy picture."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  root, out1, _ = fabricated
+  out2 = root / "report_toy"
+  study.build_report(str(root), str(out2), toy=str(out1 / "plots" / "delta_mix_2_a_b.png"),
+                     title="Golden", target_delta_m=5.0)
+  got = {}
+  for tag, out in (("defaults", out1), ("toy", out2)):
+    for rel, data in _report_files(out).items():
+      key = f"{tag}/{rel}"
+      got[key] = (hashlib.sha256(data).hexdigest().encode() if rel.endswith(".png") else
+                  data.replace(str(root).encode(), b"<ROOT>"))
+  pngs = {k: v.decode() for k, v in got.items() if k.endswith(".png")}
+  texts = {k: v for k, v in got.items() if not k.endswith(".png")}
+  record = os.path.join(GOLDEN, "png_sha256.json")
+  if os.environ.get("MTL_UPDATE_GOLDEN"):
+    for k, v in texts.items():
+      os.makedirs(os.path.dirname(os.path.join(GOLDEN, k)), exist_ok=True)
+      with open(os.path.join(GOLDEN, k), "wb") as f:
+        f.write(v)
+    with open(record, "w") as f:
+      json.dump({"matplotlib": matplotlib.__version__, "png": pngs}, f, indent=1, sort_keys=True)
+  with open(record) as f:
+    want_png = json.load(f)
+  assert sorted(pngs) == sorted(want_png["png"])
+  if want_png["matplotlib"] == matplotlib.__version__:
+    assert pngs == want_png["png"]
+  want = {k: v for k, v in _report_files(GOLDEN).items() if k != "png_sha256.json"}
+  assert sorted(texts) == sorted(want)
+  for k, v in texts.items():
+    assert v == want[k], k
+
+
 def test_report_without_stl_uses_reference_and_errors(tmp_path):
   _write_run(tmp_path / "r0", ["a", "b"], {"a": 1.0, "b": 2.0}, 0, "ls", 10)
   with open(tmp_path / "r0" / "summary.json") as f:
@@ -229,6 +347,28 @@ def test_report_without_stl_uses_reference_and_errors(tmp_path):
     study.metric_direction("weird")
 
 
+def test_report_leaves_out_stale_runs_of_a_sweep(tmp_path):
+  """A run the manifest lists with another config digest than its own is not in the tables; the
+  report says so."""
+  from mtl_jax.analysis import runs as runs_lib  # pylint: disable=g-import-not-at-top
+  runs = []
+  for m in ("ls", "pcgrad"):
+    _write_run(tmp_path / "a+b" / m / "s0", ["a", "b"], {"a": 1.0, "b": 2.0}, 0, m, 10)
+    run = runs_lib.load_run(str(tmp_path / "a+b" / m / "s0"))
+    runs.append({"name": f"a+b/hard/{m}/s0", "workdir": f"a+b/{m}/s0",
+                 "config_digest": runs_lib.recorded_digest(run.summary)})
+  runs[1]["config_digest"] = "0123456789abcdef"  # the sweep now asks pcgrad for another config
+  (tmp_path / "sweep.json").write_text(json.dumps({"runs": runs}))
+  found, stale = runs_lib.scan(str(tmp_path))
+  assert [r.combiner for r in found] == ["ls"]
+  assert [(x.label, x.expected) for x in stale] == [("a+b/hard/pcgrad/s0", "0123456789abcdef")]
+  numbers = study.build_report(str(tmp_path), str(tmp_path / "rep"))
+  assert set(numbers["mixes"]["a+b"]["methods"]) == {"ls"}
+  assert numbers["stale"][0]["label"] == "a+b/hard/pcgrad/s0"
+  md = (tmp_path / "rep" / "report.md").read_text()
+  assert "Left out: 1 stale run(s)" in md and "a+b/hard/pcgrad/s0" in md
+
+
 # ---------------------------------------------------------------------------------------------
 # One small real run: the digits benchmark through launch/sweep.py, then the report.
 
@@ -241,15 +381,22 @@ def test_real_digits_sweep_and_report(tmp_path):
       "c.combiners = ('mgda',)", "c.sharing = ('hard',)", "c.seeds = (0,)",
       "c.task_mixes = ('left,right',)", "c.single_task = False", "return c"])
   wd = tmp_path / "sw"
-  out = subprocess.run([sys.executable, "launch/sweep.py", f"--config={cfg}", f"--workdir={wd}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  # from another directory than the repository's (the run itself goes in its own workdir)
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"), f"--config={cfg}",
+                        f"--workdir={wd}"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
   assert out.returncode == 0, out.stdout + out.stderr
   run_dir = wd / "left+right" / "hard" / "mgda" / "s0"
   assert (run_dir / "summary.json").exists()
-  again = subprocess.run([sys.executable, "launch/sweep.py", f"--config={cfg}",
-                          f"--workdir={wd}", "--dry_run"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+  # the trainer's recorded config has the digest the sweep computes from the command
+  again = _sweep_cli(f"--config={cfg}", f"--workdir={wd}", "--dry_run", cwd=tmp_path)
   assert "1 already done, 0 to run" in again.stdout and "[done]" in again.stdout
+  longer = _sweep_cli(f"--config={cfg}", f"--workdir={wd}", "--dry_run",
+                      "--config.overrides=('train.num_steps=6', 'train.eval_every=2', "
+                      "'train.log_every=1', 'train.checkpoint_every=4', "
+                      "'train.eval_train_batches=1')", cwd=tmp_path)
+  assert "1 to run (1 stale)" in longer.stdout
+  assert "[stale] left+right/hard/mgda/s0 (train.num_steps 4 -> 6)" in longer.stdout
   numbers = study.build_report(str(wd), str(tmp_path / "rep"))
   mix = numbers["mixes"]["left+right"]
   assert set(mix["methods"]) == {"mgda"}

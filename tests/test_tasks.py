@@ -67,6 +67,58 @@ def test_cross_entropy_ignores_label_and_matches_definition():
   np.testing.assert_allclose(got, -np.mean([logp[i, j, c] for i, j, c in valid]), rtol=1e-5)
 
 
+# The hand-written losses these replaced (optax.losses now), kept here as the reference: the values
+# and gradients must not move, masked entries and extreme logits included.
+def _previous_bce(pred, target):
+  valid = ~jnp.isnan(target)
+  t = jnp.where(valid, target, 0.0)
+  loss = jnp.maximum(pred, 0.0) - pred * t + jnp.log1p(jnp.exp(-jnp.abs(pred)))
+  return T._masked_mean(loss, valid)
+
+
+def _previous_ce(logits, labels, ignore_index=-1):
+  c = logits.shape[-1]
+  valid = (labels != ignore_index) & (labels >= 0) & (labels < c)
+  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return T._masked_mean(-jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0], valid)
+
+
+@jit
+def _both_losses(x, y, logits, labels):
+  def pair(f, g, *a):
+    return (f(*a), g(*a), jax.grad(f)(*a), jax.grad(g)(*a))
+  return (pair(T.bce_with_logits, _previous_bce, x, y),
+          pair(T.cross_entropy, _previous_ce, logits, labels))
+
+
+def test_losses_match_previous_implementation_masked_and_extreme():
+  # logits from tiny to 1e4 (where exp overflows float32) with soft, hard and missing labels
+  x = np.array([0.0, 1e-6, -3.5, 17.0, 88.0, 1e4, -1e4, 2.5, -60.0, 1e4], np.float32)
+  y = np.array([0.0, 1.0, 0.3, 1.0, 0.0, 0.0, 1.0, np.nan, 1.0, np.nan], np.float32)
+  rng = np.random.default_rng(1)
+  logits = (rng.normal(size=(3, 5, 6)) * np.array([1, 30, 1e3])[:, None, None]).astype(np.float32)
+  logits[0, 0] = [1e4, -1e4, 0, 0, 0, 0]
+  labels = rng.integers(-1, 7, size=(3, 5))  # -1 ignored, 6 out of range: both masked
+  labels[0, 0] = 1  # the -1e4 logit's class: loss 2e4, finite
+  (bce, bce0, gb, gb0), (ce, ce0, gc, gc0) = _both_losses(x, y, logits, labels)
+  for new, old in ((bce, bce0), (ce, ce0), (gc, gc0)):
+    assert np.all(np.isfinite(np.asarray(new)))
+    np.testing.assert_allclose(np.asarray(new), np.asarray(old), rtol=2e-6, atol=1e-7)
+  # BCE's gradient against the analytic one, (sigmoid(x) - t) / n_valid: the previous formula's
+  # max/abs kinks gave 0 at x = 0 exactly (true value 0.5 / n); optax's is exact there.
+  keep = ~np.isnan(y)
+  sig = 1 / (1 + np.exp(-np.clip(x.astype(np.float64), -500, 500)))
+  want = np.where(keep, sig - np.nan_to_num(y), 0.0) / keep.sum()
+  np.testing.assert_allclose(np.asarray(gb), want, rtol=1e-5, atol=1e-8)
+  assert float(np.asarray(gb0)[0]) == 0.0 and float(np.asarray(gb)[0]) == pytest.approx(0.5 / 8)
+  assert float(ce) > 1e3  # the extreme entry is counted, not clipped
+  # masked entries carry no gradient
+  assert np.all(np.asarray(gb)[np.isnan(y)] == 0)
+  masked = (labels < 0) | (labels >= 6)
+  assert masked.any() and np.all(np.asarray(gc)[masked] == 0)
+
+
 def test_depth_and_cosine_losses_mask_missing_pixels():
   pred = jnp.array([[1.0, 2.0], [3.0, 5.0]])
   depth = jnp.array([[2.0, 0.0], [1.0, 5.0]])  # 0 = no depth

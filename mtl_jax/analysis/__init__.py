@@ -10,14 +10,17 @@
   suggested grouping.
 * :mod:`~mtl_jax.analysis.tables`: Markdown, LaTeX (booktabs) and CSV tables.
 * :mod:`~mtl_jax.analysis.plots`: the PNG figures.
+* :mod:`~mtl_jax.analysis.published`: the papers' Δm% per method and benchmark, and their STL
+  figures, each with its source.
 * :mod:`~mtl_jax.analysis.study`: the whole report of ``launch/report.py``.
 """
 
 from mtl_jax.analysis import affinity
 from mtl_jax.analysis import conflict
 from mtl_jax.analysis import overfitting
+from mtl_jax.analysis import published
 from mtl_jax.analysis import runs
 from mtl_jax.analysis import tables
 from mtl_jax.analysis import transfer
 
-__all__ = ["affinity", "conflict", "overfitting", "runs", "tables", "transfer"]
+__all__ = ["affinity", "conflict", "overfitting", "published", "runs", "tables", "transfer"]

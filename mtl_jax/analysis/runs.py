@@ -98,42 +98,82 @@ def read_jsonl(path: str) -> list[dict]:
   return out
 
 
-def load_run(workdir: str, label: str = "") -> Run:
-  """The :class:`Run` of ``workdir``; raises ``FileNotFoundError`` if it has no ``summary.json``."""
+def read_summary(workdir: str) -> dict:
+  """The parsed ``summary.json`` of ``workdir`` (non-finite numbers back to floats); raises
+  ``FileNotFoundError`` if the run has not finished."""
   path = os.path.join(workdir, SUMMARY)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir}: no {SUMMARY} (the run has not finished)")
   with open(path) as f:
-    summary = _number(json.load(f))
+    return _number(json.load(f))
+
+
+def load_run(workdir: str, label: str = "") -> Run:
+  """The :class:`Run` of ``workdir``; raises ``FileNotFoundError`` if it has no ``summary.json``."""
+  summary = read_summary(workdir)
   records = read_jsonl(os.path.join(workdir, METRICS))
   evals = sorted((r for r in records if "eval" in r), key=lambda r: r["step"])
   train = sorted((r for r in records if "eval" not in r), key=lambda r: r["step"])
   return Run(workdir, summary, train, evals, label)
 
 
-def find_runs(root: str) -> list[Run]:
-  """Every finished run under ``root`` (``root`` itself included), sorted by path.
+def recorded_digest(summary: Mapping[str, Any]) -> Optional[str]:
+  """The config digest of a finished run: ``summary['config_digest']`` when the trainer wrote
+  one, else :func:`mtl_jax.config_utils.config_digest` of the config its summary records; None
+  if it records neither."""
+  from mtl_jax import config_utils  # pylint: disable=g-import-not-at-top
+  if summary.get("config_digest"):
+    return str(summary["config_digest"])
+  if isinstance(summary.get("config"), Mapping):
+    return config_utils.config_digest(summary["config"])
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stale:
+  """A finished run a sweep lists with another config than the one it finished with."""
+  workdir: str
+  label: str
+  expected: str  # the sweep's digest
+  recorded: Optional[str]  # the run's
+
+
+def scan(root: str) -> tuple[list[Run], list[Stale]]:
+  """The finished runs under ``root`` and, in a sweep, the stale ones left out.
 
   With a ``sweep.json`` in ``root`` the runs are those it lists (labelled by their sweep names;
-  unfinished ones skipped); otherwise every directory holding a ``summary.json``.
+  unfinished ones skipped; one whose recorded config digest differs from the manifest's is
+  *stale*: left out and returned in the second list); otherwise every directory holding a
+  ``summary.json``.
   """
   if not os.path.isdir(root):
     raise FileNotFoundError(f"{root}: not a directory")
   manifest = os.path.join(root, SWEEP)
-  runs = []
+  runs, stale = [], []
   if os.path.exists(manifest):
     with open(manifest) as f:
       sweep = json.load(f)
     for r in sweep.get("runs", []):
       wd = r["workdir"] if os.path.isabs(r["workdir"]) else os.path.join(root, r["workdir"])
-      if os.path.exists(os.path.join(wd, SUMMARY)):
-        runs.append(load_run(wd, r.get("name", "")))
-    return runs
+      if not os.path.exists(os.path.join(wd, SUMMARY)):
+        continue
+      run = load_run(wd, r.get("name", ""))
+      want, have = r.get("config_digest"), recorded_digest(run.summary)
+      if want is not None and have != want:
+        stale.append(Stale(wd, run.label, want, have))
+      else:
+        runs.append(run)
+    return runs, stale
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if d not in ("checkpoints", "tensorboard"))
     if SUMMARY in filenames:
       runs.append(load_run(dirpath, os.path.relpath(dirpath, root)))
-  return sorted(runs, key=lambda r: r.workdir)
+  return sorted(runs, key=lambda r: r.workdir), stale
+
+
+def find_runs(root: str) -> list[Run]:
+  """Every finished, current run under ``root`` (``root`` itself included): see :func:`scan`."""
+  return scan(root)[0]
 
 
 def mix_name(tasks: Sequence[str], all_tasks: Optional[Sequence[str]] = None) -> str:

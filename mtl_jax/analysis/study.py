@@ -21,6 +21,7 @@ metrics, every (task, metric) pair counted once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -138,294 +139,384 @@ def _slug(s: str) -> str:
   return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in s).strip("_") or "x"
 
 
+@dataclasses.dataclass
+class _Doc:
+  """The report being written: its Markdown lines and the files written for it."""
+  out: str
+  md: list = dataclasses.field(default_factory=list)
+  files: list = dataclasses.field(default_factory=list)
+
+  def table(self, table: tables.Table, name: str) -> None:
+    """The table in Markdown, and as ``<name>.tex`` and ``<name>.csv`` linked below it."""
+    self.md.append(tables.to_markdown(table))
+    for ext, fn in (("tex", tables.to_latex), ("csv", tables.to_csv)):
+      path = os.path.join(self.out, f"{name}.{ext}")
+      with open(path, "w") as f:
+        f.write(fn(table))
+      self.files.append(path)
+    self.md += [f"([LaTeX]({name}.tex), [CSV]({name}.csv))", ""]
+
+  def image(self, path: str, alt: str) -> None:
+    self.files.append(path)
+    self.md += [f"![{alt}]({os.path.relpath(path, self.out)})", ""]
+
+  def plot(self, name: str) -> str:
+    return os.path.join(self.out, "plots", f"{name}.png")
+
+
+@dataclasses.dataclass
+class _Study:
+  """What every section reads: the runs, metric directions, main metrics, STL runs and options."""
+  runs: list
+  hib: dict  # {task: {metric: higher_is_better}}
+  metrics: dict  # {task: [metric names]}
+  main: dict  # {task: main metric}
+  stl: dict  # {task: [single-task runs]}
+  stl_mean: dict  # {task: {metric: mean over the STL seeds}}
+  alpha: float
+  thresholds: overfit_lib.Thresholds
+
+
+@dataclasses.dataclass
+class _Mix:
+  """One task mix: its tasks, label, file tag, Δm% reference and the per-method numbers."""
+  tasks: tuple
+  label: str
+  tag: str
+  ref: Optional[dict]  # the STL means when every task has single-task runs, else None
+  source: str
+  rows: dict  # {method: {'runs', 'delta_m', 'params', 'stl_params', 'sps', 'mean'}}
+  numbers: dict  # this mix's part of report.json
+
+  @property
+  def have_stl(self) -> bool:
+    return self.ref is not None
+
+
+def _study(runs, alpha, thresholds) -> _Study:
+  hib = directions(runs)
+  metrics = {t: list(ms) for t, ms in hib.items()}
+  stl = runs_lib.single_task_runs(runs)
+  stl_mean = {t: {m: float(runs_lib.metric_samples(rs, t, m).mean())
+                  for m in metrics.get(t, []) if runs_lib.metric_samples(rs, t, m).size}
+              for t, rs in stl.items()}
+  return _Study(runs, hib, metrics, {t: ms[0] for t, ms in metrics.items()}, stl, stl_mean,
+                alpha, thresholds)
+
+
 def build_report(root: str, out: str, *, alpha: float = 0.05,
                  target_delta_m: Optional[float] = None,
                  thresholds: overfit_lib.Thresholds = overfit_lib.Thresholds(),
                  toy: Optional[str] = None, title: str = "") -> dict:
   """Write the report of every finished run under ``root`` into ``out``; returns its numbers."""
-  runs = runs_lib.find_runs(root)
+  runs, stale = runs_lib.scan(root)
   if not runs:
-    raise FileNotFoundError(f"{root}: no finished run (no summary.json) under it")
+    raise FileNotFoundError(f"{root}: no finished run (no summary.json) under it"
+                            + (f"; {len(stale)} stale run(s) left out" if stale else ""))
   os.makedirs(os.path.join(out, "plots"), exist_ok=True)
-  hib = directions(runs)
-  metrics = {t: list(ms) for t, ms in hib.items()}
-  main = {t: ms[0] for t, ms in metrics.items()}
-  stl = runs_lib.single_task_runs(runs)
-  groups = runs_lib.group_runs(runs)
-  benchmarks = sorted({r.benchmark for r in runs})
-  md = [f"# {title or 'Study report'}", "",
-        f"Runs under `{os.path.abspath(root)}`: {len(runs)} finished "
-        f"({sum(len(v) for v in stl.values())} single-task, "
-        f"{len(runs) - sum(len(v) for v in stl.values())} multi-task); benchmark(s): "
-        f"{', '.join(benchmarks)}. Test metrics of the model selected on validation; "
-        f"mean ± sample std over seeds.", ""]
+  s = _study(runs, alpha, thresholds)
+  doc = _Doc(out, _header(root, s, title, stale))
   numbers: dict[str, Any] = {"mixes": {}, "stl": {}}
-  files = []
-
-  def emit(table: tables.Table, name: str):
-    md.append(tables.to_markdown(table))
-    for ext, fn in (("tex", tables.to_latex), ("csv", tables.to_csv)):
-      path = os.path.join(out, f"{name}.{ext}")
-      with open(path, "w") as f:
-        f.write(fn(table))
-      files.append(path)
-    md.append(f"([LaTeX]({name}.tex), [CSV]({name}.csv))")
-    md.append("")
-
-  def image(path: str, alt: str):
-    rel = os.path.relpath(path, out)
-    files.append(path)
-    md.append(f"![{alt}]({rel})")
-    md.append("")
-
-  # ---- single-task baselines
-  stl_mean = {t: {m: float(runs_lib.metric_samples(rs, t, m).mean())
-                  for m in metrics.get(t, []) if runs_lib.metric_samples(rs, t, m).size}
-              for t, rs in stl.items()}
-  if stl:
-    md += ["## Single-task baselines", ""]
-    rows = []
-    for t, rs in stl.items():
-      m = main[t]
-      rows.append([t, m, _ms(runs_lib.metric_samples(rs, t, m)), len(rs),
-                   int(np.mean([r.summary.get("num_params", 0) for r in rs])),
-                   _ms([r.summary.get("steps_per_sec") for r in rs])])
-      numbers["stl"][t] = {"mean": stl_mean[t], "n": len(rs)}
-    emit(tables.Table(["task", "metric", "test", "seeds", "params", "steps/s"], rows,
-                      caption="Single-task (STL) runs", label="tab:stl"), "stl")
-
-  for mix, methods in groups.items():
-    mix_label = runs_lib.mix_name(mix)
-    tag = _slug(f"mix_{len(mix)}_{mix_label}")[:60]
-    k = len(mix)
-    md += [f"## Task mix: {mix_label if k <= 6 else f'{k} tasks'}" + (
-        f" ({', '.join(mix)})" if k > 6 else ""), ""]
-    have_stl = all(t in stl_mean for t in mix)
-    ref = {t: stl_mean[t] for t in mix} if have_stl else None
-    mix_hib = {t: hib[t] for t in mix}
-    source = ("the single-task runs above (mean over their seeds)" if have_stl else
-              "the benchmark's published single-task numbers (the runs' own Δm%)")
-    # per-method numbers
-    rows_data = {}
-    for name, rs in methods.items():
-      if have_stl:
-        dms = [evaluation.delta_m({t: r.test.get(t, {}) for t in mix}, ref, mix_hib) for r in rs]
-      else:
-        dms = [r.summary.get("delta_m") for r in rs]
-      stl_params = (sum(np.mean([r.summary.get("num_params", 0) for r in stl[t]]) for t in mix)
-                    if have_stl else None)
-      params = float(np.mean([r.summary.get("num_params", 0) for r in rs]))
-      rows_data[name] = {"runs": rs, "delta_m": [d for d in dms if d is not None],
-                         "params": params, "stl_params": stl_params,
-                         "sps": [r.summary.get("steps_per_sec") for r in rs],
-                         "mean": _mean_results(rs, mix, metrics)}
-    ranks = evaluation.mean_rank({n: d["mean"] for n, d in rows_data.items()},
-                                 {t: hib[t] for t in mix}) if len(rows_data) > 1 else \
-        {n: 1.0 for n in rows_data}
-    finals = [float(np.mean(d["delta_m"])) for d in rows_data.values() if d["delta_m"]]
-    target = target_delta_m if target_delta_m is not None else (max(finals) if finals else None)
-    # main table
-    header = ["method"] + [f"{t} {main[t]} {'↑' if hib[t][main[t]] else '↓'}" for t in mix] + \
-        ["Δm% ↓", "mean rank ↓", "params", "vs K×STL", "steps/s",
-         f"steps to Δm%≤{target:.3g}" if target is not None else "steps to target",
-         "seconds to target"]
-    cols = {t: tables.mark_best([_ms(runs_lib.metric_samples(d["runs"], t, main[t]))
-                                 for d in rows_data.values()], hib[t][main[t]]) for t in mix}
-    dm_cells = tables.mark_best([_ms(d["delta_m"]) for d in rows_data.values()], False)
-    rows = []
-    numbers["mixes"][mix_label] = {"tasks": list(mix), "delta_m_source": source,
-                                   "target_delta_m": target, "methods": {}}
-    for i, (name, d) in enumerate(rows_data.items()):
-      tt = [time_to_target(r, target, ref, mix_hib) if target is not None else (None, None)
-            for r in d["runs"]]
-      steps_t = [s for s, _ in tt if s is not None]
-      secs_t = [s for _, s in tt if s is not None]
-      reached = f"{len(steps_t)}/{len(tt)}"
-      red = (_reduction(d["params"], d["stl_params"]) if d["stl_params"] else "–")
-      rows.append([f"{name} (n={len(d['runs'])})"] + [cols[t][i] for t in mix] +
-                  [dm_cells[i], ranks[name], int(d["params"]), red, _ms(d["sps"]),
-                   (f"{np.mean(steps_t):.0f} ({reached})" if steps_t else f"not reached ({reached})"),
-                   _ms(secs_t) if secs_t else "–"])
-      numbers["mixes"][mix_label]["methods"][name] = {
-          "delta_m": d["delta_m"], "mean_rank": ranks[name], "params": d["params"],
-          "stl_params": d["stl_params"], "steps_per_sec": d["sps"], "test_mean": d["mean"],
-          "steps_to_target": steps_t, "seconds_to_target": secs_t}
-    if target is None:
-      ttt = "Time to target: no Δm% available, so none."
-    else:
-      ttt = (f"Time to target: first evaluation with test Δm% ≤ {target:.3g}"
-             f"{' (default: the worst final Δm% of the mix)' if target_delta_m is None else ''}; "
-             f"seconds = steps / steps per second (training only).")
-    md.append(f"Δm% against {source}; lower is better, 0 = on par with single-task learning. "
-              f"Mean rank over the {len(rows_data)} methods and {k} tasks. {ttt} Best per column "
-              f"in bold.")
-    md.append("")
-    emit(tables.Table(header, rows, caption=f"Task mix {mix_label}: test metrics, Δm% and cost",
-                      label=f"tab:{tag}"), f"table_{tag}")
-
-    # negative transfer
-    stl_tasks = [t for t in mix if t in stl_mean]
-    if stl_tasks:
-      md += ["### Negative transfer", ""]
-      if not have_stl:
-        md += [f"Single-task runs exist for {', '.join(stl_tasks)} only; the other tasks are "
-               "not compared.", ""]
-      stl_s = {t: {main[t]: runs_lib.metric_samples(stl[t], t, main[t])} for t in stl_tasks}
-      nt_rows, nt_num, gains = [], {}, {}
-      for name, d in rows_data.items():
-        mtl_s = {t: {main[t]: runs_lib.metric_samples(d["runs"], t, main[t])} for t in mix}
-        res = transfer_lib.negative_transfer(mtl_s, stl_s, hib, alpha)
-        md.append("- " + transfer_lib.summary_line(name, res, alpha))
-        nt_num[name] = [r.__dict__ for r in res]
-        for r in res:
-          nt_rows.append([name, r.task, f"{r.rel_gain_pct:+.2f}", r.p_value, r.verdict])
-        gains[name] = {}
-        for t in stl_tasks:
-          per_seed = []
-          for r in d["runs"]:
-            v = r.test.get(t, {}).get(main[t])
-            s = stl_mean[t][main[t]]
-            if v is not None and s:
-              sign = 1.0 if hib[t][main[t]] else -1.0
-              per_seed.append(sign * (float(v) - s) / abs(s) * 100.0)
-          if per_seed:
-            gains[name][t] = (float(np.mean(per_seed)),
-                              float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0)
-      md.append("")
-      hurt_any = {t for name in nt_num for t in
-                  transfer_lib.hurt_tasks([transfer_lib.TaskTransfer(**x) for x in nt_num[name]])}
-      md.append(f"Tasks hurt by sharing under at least one method: "
-                f"{', '.join(sorted(hurt_any)) or 'none'}.")
-      md.append("")
-      emit(tables.Table(["method", "task", "change vs STL (%)", "Welch p", "verdict"], nt_rows,
-                        caption=f"Per-task change against STL (positive = better), mix "
-                        f"{mix_label}", label=f"tab:nt_{tag}"), f"transfer_{tag}")
-      numbers["mixes"][mix_label]["negative_transfer"] = nt_num
-      image(plots.delta_bars(gains, os.path.join(out, "plots", f"delta_{tag}.png"),
-                             title=f"Per-task change vs single-task ({mix_label}; + = better)"),
-            "per-task change vs STL")
-
-    # overfitting / instability
-    md += ["### Overfitting and instability", "", overfit_lib.criteria(thresholds), ""]
-    of_num = {}
-    for name, d in rows_data.items():
-      curves = [overfit_lib.run_curves(r, hib, main, thresholds) for r in d["runs"]]
-      md.append("- " + overfit_lib.describe(name, curves, thresholds, with_criteria=False))
-      of_num[name] = [[c.__dict__ for c in cs] for cs in curves]
-    md.append("")
-    numbers["mixes"][mix_label]["overfitting"] = of_num
-    tc = {}
-    for name, d in rows_data.items():
-      tc[name] = {}
-      for t in mix:
-        c = _eval_curve(d["runs"], t, main[t])
-        if c is not None:
-          tc[name][t] = c
-    lc = {}
-    for name, d in rows_data.items():
-      lc[name] = {}
-      for t in mix:
-        per = [runs_lib.series(r.train, "losses", list(r.tasks).index(t)) for r in d["runs"]]
-        per = [p for p in per if len(p[0])]
-        if per:
-          n = min(len(p[0]) for p in per)
-          vals = np.stack([p[1][:n] for p in per])
-          lc[name][t] = (per[0][0][:n], vals.mean(0),
-                         vals.std(0, ddof=1) if len(per) > 1 else None)
-    if any(lc.values()):
-      image(plots.training_curves(lc, {t: "training loss" for t in mix},
-                                  os.path.join(out, "plots", f"loss_{tag}.png"),
-                                  title=f"Training loss per task ({mix_label}; mean over "
-                                  f"seeds, logged interval means)", log_y=True),
-            "training loss")
-    if any(tc.values()):
-      image(plots.training_curves(tc, {t: f"validation {main[t]}" for t in mix},
-                                  os.path.join(out, "plots", f"curves_{tag}.png"),
-                                  title=f"Validation metric during training ({mix_label}; "
-                                  f"mean ± std over seeds)"), "training curves")
-
-    # gradient conflict
-    md += ["### Gradient conflict", ""]
-    ts_all, cf_num = {}, {}
-    for name, d in rows_data.items():
-      r0 = d["runs"][0]
-      if not conflict_lib.has_conflict_stats(r0):
-        continue
-      s = conflict_lib.summarize(r0)
-      cf_num[name] = s
-      ts_all[name] = conflict_lib.conflict_timeseries(r0)
-      pairs = s["pairs"]
-      pair_txt = ("; most conflicting pairs: " + ", ".join(
-          f"{a}–{b} ({c:+.2f})" for a, b, c in pairs[:5])) if pairs else (
-              "; no pair with a negative mean cosine" if pairs is not None else "")
-      md.append(f"- **{name}** (seed {r0.seed}, second half of training): mean pairwise cosine "
-                f"{s['mean_cosine']:+.3f}, min {s['min_cosine']:+.3f}, conflict rate "
-                f"{s['conflict_rate']:.2f}, norm spread {s['norm_spread']:.3g}{pair_txt}.")
-      cos = conflict_lib.cosine_matrix(r0)
-      if cos is not None:
-        md.append("")
-        image(plots.conflict_heatmap(cos, list(mix),
-                                     os.path.join(out, "plots", f"cosine_{tag}_{_slug(name)}.png"),
-                                     title=f"Mean pairwise gradient cosine, {name} "
-                                     f"(2nd half of training)"), f"cosine heatmap {name}")
-    if ts_all:
-      md.append("")
-      image(plots.conflict_timeseries(ts_all, os.path.join(out, "plots", f"conflict_{tag}.png"),
-                                      title=f"Gradient conflict during training ({mix_label})"),
-            "conflict over time")
-    else:
-      md += ["No run of this mix logged conflict statistics (loss-only combiners never form the "
-             "Gramian).", ""]
-    numbers["mixes"][mix_label]["conflict"] = cf_num
-
-    # combiner weights
-    wts = {}
-    for name, d in rows_data.items():
-      steps, w = runs_lib.series(d["runs"][0].train, "weights")
-      if len(steps) and np.ndim(w) == 2:
-        wts[name] = (steps, w)
-    if wts:
-      md += ["### Combiner weights", ""]
-      image(plots.weights_over_time(wts, list(mix),
-                                    os.path.join(out, "plots", f"weights_{tag}.png"),
-                                    title=f"Task weights during training ({mix_label}; seed "
-                                    f"{min(r.seed for d in rows_data.values() for r in d['runs'])})"),
-            "combiner weights")
-
-    # two-task trade-off
-    if k == 2:
-      pts = {}
-      for name, d in rows_data.items():
-        a = runs_lib.metric_samples(d["runs"], mix[0], main[mix[0]])
-        b = runs_lib.metric_samples(d["runs"], mix[1], main[mix[1]])
-        if a.size and b.size:
-          pts[name] = (a.mean(), a.std(ddof=1) if a.size > 1 else 0.0, b.mean(),
-                       b.std(ddof=1) if b.size > 1 else 0.0)
-      stl_pt = ((stl_mean[mix[0]][main[mix[0]]], stl_mean[mix[1]][main[mix[1]]])
-                if have_stl else None)
-      if pts:
-        md += ["### Trade-off", ""]
-        image(plots.tradeoff_scatter(pts, list(mix), [main[mix[0]], main[mix[1]]],
-                                     os.path.join(out, "plots", f"tradeoff_{tag}.png"), stl_pt,
-                                     title=f"Trade-off {mix[0]} vs {mix[1]} (test; mean ± std)"),
-              "two-task trade-off")
-
+  if stale:
+    numbers["stale"] = [dataclasses.asdict(x) for x in stale]
+  _stl_section(doc, s, numbers["stl"])
+  for mix, methods in runs_lib.group_runs(runs).items():
+    m = _mix(s, mix, methods)
+    numbers["mixes"][m.label] = m.numbers
+    _main_table(doc, s, m, target_delta_m)
+    _transfer_section(doc, s, m)
+    _overfitting_section(doc, s, m)
+    _conflict_section(doc, m)
+    _weights_section(doc, m)
+    _tradeoff_section(doc, s, m)
   if toy:
-    png = os.path.join(toy, "toy.png") if os.path.isdir(toy) else toy
-    if not os.path.exists(png):
-      raise FileNotFoundError(f"--toy {toy}: no toy.png (run launch/toy.py --out=DIR first)")
-    dst = os.path.join(out, "plots", "toy.png")
-    shutil.copyfile(png, dst)
-    md += ["## Toy problem (Nash-MTL Fig. 1)", "", "Trajectories of each combiner from the five "
-           "starts over the loss contours (written by `launch/toy.py`).", ""]
-    image(dst, "toy trajectories")
-
+    _toy_section(doc, toy)
   with open(os.path.join(out, "report.md"), "w") as f:
-    f.write("\n".join(md) + "\n")
+    f.write("\n".join(doc.md) + "\n")
   with open(os.path.join(out, "report.json"), "w") as f:
     json.dump(_plain(numbers), f, indent=1, default=str)
-  numbers["files"] = files + [os.path.join(out, "report.md"), os.path.join(out, "report.json")]
+  numbers["files"] = doc.files + [os.path.join(out, "report.md"),
+                                  os.path.join(out, "report.json")]
   return numbers
+
+
+def _header(root: str, s: _Study, title: str, stale: Sequence[runs_lib.Stale] = ()) -> list[str]:
+  n_stl = sum(len(v) for v in s.stl.values())
+  benchmarks = sorted({r.benchmark for r in s.runs})
+  lines = [f"# {title or 'Study report'}", "",
+           f"Runs under `{os.path.abspath(root)}`: {len(s.runs)} finished ({n_stl} single-task, "
+           f"{len(s.runs) - n_stl} multi-task); benchmark(s): {', '.join(benchmarks)}. Test "
+           f"metrics of the model selected on validation; mean ± sample std over seeds.", ""]
+  if stale:
+    lines += [f"Left out: {len(stale)} stale run(s), finished with another config than the "
+              f"sweep lists for them (rerun the sweep with `--stale=rerun`): "
+              f"{', '.join(x.label for x in stale)}.", ""]
+  return lines
+
+
+def _stl_section(doc: _Doc, s: _Study, numbers: dict) -> None:
+  """The single-task baselines' table."""
+  if not s.stl:
+    return
+  doc.md += ["## Single-task baselines", ""]
+  rows = []
+  for t, rs in s.stl.items():
+    m = s.main[t]
+    rows.append([t, m, _ms(runs_lib.metric_samples(rs, t, m)), len(rs),
+                 int(np.mean([r.summary.get("num_params", 0) for r in rs])),
+                 _ms([r.summary.get("steps_per_sec") for r in rs])])
+    numbers[t] = {"mean": s.stl_mean[t], "n": len(rs),
+                  "benchmark": ",".join(sorted({r.benchmark for r in rs}))}
+  doc.table(tables.Table(["task", "metric", "test", "seeds", "params", "steps/s"], rows,
+                         caption="Single-task (STL) runs", label="tab:stl"), "stl")
+
+
+def _mix(s: _Study, mix: tuple, methods: Mapping[str, list]) -> _Mix:
+  """The per-method numbers of one mix: Δm% per seed, parameters, steps/s, seed-mean metrics."""
+  have_stl = all(t in s.stl_mean for t in mix)
+  ref = {t: s.stl_mean[t] for t in mix} if have_stl else None
+  mix_hib = {t: s.hib[t] for t in mix}
+  stl_params = (sum(np.mean([r.summary.get("num_params", 0) for r in s.stl[t]]) for t in mix)
+                if have_stl else None)
+  rows = {}
+  for name, rs in methods.items():
+    if have_stl:
+      dms = [evaluation.delta_m({t: r.test.get(t, {}) for t in mix}, ref, mix_hib) for r in rs]
+    else:
+      dms = [r.summary.get("delta_m") for r in rs]
+    rows[name] = {"runs": rs, "delta_m": [d for d in dms if d is not None],
+                  "params": float(np.mean([r.summary.get("num_params", 0) for r in rs])),
+                  "stl_params": stl_params, "sps": [r.summary.get("steps_per_sec") for r in rs],
+                  "mean": _mean_results(rs, mix, s.metrics)}
+  label = runs_lib.mix_name(mix)
+  source = ("the single-task runs above (mean over their seeds)" if have_stl else
+            "the benchmark's published single-task numbers (the runs' own Δm%)")
+  bench = ",".join(sorted({r.benchmark for rs in methods.values() for r in rs}))
+  return _Mix(mix, label, _slug(f"mix_{len(mix)}_{label}")[:60], ref, source, rows,
+              {"benchmark": bench})
+
+
+def _main_table(doc: _Doc, s: _Study, m: _Mix, target_delta_m: Optional[float]) -> None:
+  """Per-task test metrics, Δm%, mean rank, parameters, steps/s and time to a target Δm%."""
+  k, main, hib = len(m.tasks), s.main, s.hib
+  doc.md += [f"## Task mix: {m.label if k <= 6 else f'{k} tasks'}" + (
+      f" ({', '.join(m.tasks)})" if k > 6 else ""), ""]
+  ranks = evaluation.mean_rank({n: d["mean"] for n, d in m.rows.items()},
+                               {t: hib[t] for t in m.tasks}) if len(m.rows) > 1 else \
+      {n: 1.0 for n in m.rows}
+  finals = [float(np.mean(d["delta_m"])) for d in m.rows.values() if d["delta_m"]]
+  target = target_delta_m if target_delta_m is not None else (max(finals) if finals else None)
+  header = ["method"] + [f"{t} {main[t]} {'↑' if hib[t][main[t]] else '↓'}" for t in m.tasks] + \
+      ["Δm% ↓", "mean rank ↓", "params", "vs K×STL", "steps/s",
+       f"steps to Δm%≤{target:.3g}" if target is not None else "steps to target",
+       "seconds to target"]
+  cols = {t: tables.mark_best([_ms(runs_lib.metric_samples(d["runs"], t, main[t]))
+                               for d in m.rows.values()], hib[t][main[t]]) for t in m.tasks}
+  dm_cells = tables.mark_best([_ms(d["delta_m"]) for d in m.rows.values()], False)
+  m.numbers.update({"tasks": list(m.tasks), "delta_m_source": m.source,
+                    "target_delta_m": target, "methods": {}})
+  rows = []
+  for i, (name, d) in enumerate(m.rows.items()):
+    steps_t, secs_t, cells = _to_target(d["runs"], target, m.ref, {t: hib[t] for t in m.tasks})
+    red = (_reduction(d["params"], d["stl_params"]) if d["stl_params"] else "–")
+    rows.append([f"{name} (n={len(d['runs'])})"] + [cols[t][i] for t in m.tasks] +
+                [dm_cells[i], ranks[name], int(d["params"]), red, _ms(d["sps"])] + cells)
+    m.numbers["methods"][name] = {
+        "delta_m": d["delta_m"], "mean_rank": ranks[name], "params": d["params"],
+        "stl_params": d["stl_params"], "steps_per_sec": d["sps"], "test_mean": d["mean"],
+        "steps_to_target": steps_t, "seconds_to_target": secs_t}
+  if target is None:
+    ttt = "Time to target: no Δm% available, so none."
+  else:
+    ttt = (f"Time to target: first evaluation with test Δm% ≤ {target:.3g}"
+           f"{' (default: the worst final Δm% of the mix)' if target_delta_m is None else ''}; "
+           f"seconds = steps / steps per second (training only).")
+  doc.md += [f"Δm% against {m.source}; lower is better, 0 = on par with single-task learning. "
+             f"Mean rank over the {len(m.rows)} methods and {k} tasks. {ttt} Best per column "
+             f"in bold.", ""]
+  doc.table(tables.Table(header, rows, caption=f"Task mix {m.label}: test metrics, Δm% and cost",
+                         label=f"tab:{m.tag}"), f"table_{m.tag}")
+
+
+def _to_target(rs, target, ref, hib) -> tuple[list, list, list]:
+  """Steps and seconds to ``target`` of the seeds that reach it, and the table's two cells."""
+  tt = [time_to_target(r, target, ref, hib) if target is not None else (None, None) for r in rs]
+  steps_t = [s for s, _ in tt if s is not None]
+  secs_t = [s for _, s in tt if s is not None]
+  reached = f"{len(steps_t)}/{len(tt)}"
+  return steps_t, secs_t, [
+      (f"{np.mean(steps_t):.0f} ({reached})" if steps_t else f"not reached ({reached})"),
+      _ms(secs_t) if secs_t else "–"]
+
+
+def _transfer_section(doc: _Doc, s: _Study, m: _Mix) -> None:
+  """Negative transfer: per method and task, the change against STL and Welch's t-test."""
+  main, hib = s.main, s.hib
+  stl_tasks = [t for t in m.tasks if t in s.stl_mean]
+  if not stl_tasks:
+    return
+  doc.md += ["### Negative transfer", ""]
+  if not m.have_stl:
+    doc.md += [f"Single-task runs exist for {', '.join(stl_tasks)} only; the other tasks are "
+               "not compared.", ""]
+  stl_s = {t: {main[t]: runs_lib.metric_samples(s.stl[t], t, main[t])} for t in stl_tasks}
+  nt_rows, nt_num, gains = [], {}, {}
+  for name, d in m.rows.items():
+    mtl_s = {t: {main[t]: runs_lib.metric_samples(d["runs"], t, main[t])} for t in m.tasks}
+    res = transfer_lib.negative_transfer(mtl_s, stl_s, hib, s.alpha)
+    doc.md.append("- " + transfer_lib.summary_line(name, res, s.alpha))
+    nt_num[name] = [r.__dict__ for r in res]
+    nt_rows += [[name, r.task, f"{r.rel_gain_pct:+.2f}", r.p_value, r.verdict] for r in res]
+    gains[name] = _gains(s, d["runs"], stl_tasks)
+  hurt_any = {t for name in nt_num for t in
+              transfer_lib.hurt_tasks([transfer_lib.TaskTransfer(**x) for x in nt_num[name]])}
+  doc.md += ["", f"Tasks hurt by sharing under at least one method: "
+             f"{', '.join(sorted(hurt_any)) or 'none'}.", ""]
+  doc.table(tables.Table(["method", "task", "change vs STL (%)", "Welch p", "verdict"], nt_rows,
+                         caption=f"Per-task change against STL (positive = better), mix "
+                         f"{m.label}", label=f"tab:nt_{m.tag}"), f"transfer_{m.tag}")
+  m.numbers["negative_transfer"] = nt_num
+  doc.image(plots.delta_bars(gains, doc.plot(f"delta_{m.tag}"),
+                             title=f"Per-task change vs single-task ({m.label}; + = better)"),
+            "per-task change vs STL")
+
+
+def _gains(s: _Study, rs, tasks) -> dict:
+  """``{task: (mean, std)}`` over seeds of the signed change against STL, in % (+ = better)."""
+  out = {}
+  for t in tasks:
+    metric, ref = s.main[t], s.stl_mean[t][s.main[t]]
+    sign = 1.0 if s.hib[t][metric] else -1.0
+    per_seed = [sign * (float(v) - ref) / abs(ref) * 100.0 for v in
+                (r.test.get(t, {}).get(metric) for r in rs) if v is not None and ref]
+    if per_seed:
+      out[t] = (float(np.mean(per_seed)),
+                float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0)
+  return out
+
+
+def _overfitting_section(doc: _Doc, s: _Study, m: _Mix) -> None:
+  """Peak step, train/validation gap and oscillation per method; loss and validation curves."""
+  doc.md += ["### Overfitting and instability", "", overfit_lib.criteria(s.thresholds), ""]
+  of_num = {}
+  for name, d in m.rows.items():
+    curves = [overfit_lib.run_curves(r, s.hib, s.main, s.thresholds) for r in d["runs"]]
+    doc.md.append("- " + overfit_lib.describe(name, curves, s.thresholds, with_criteria=False))
+    of_num[name] = [[c.__dict__ for c in cs] for cs in curves]
+  doc.md.append("")
+  m.numbers["overfitting"] = of_num
+  tc = {name: {t: c for t in m.tasks
+               if (c := _eval_curve(d["runs"], t, s.main[t])) is not None}
+        for name, d in m.rows.items()}
+  lc = {name: {t: c for t in m.tasks if (c := _loss_curve(d["runs"], t)) is not None}
+        for name, d in m.rows.items()}
+  if any(lc.values()):
+    doc.image(plots.training_curves(lc, {t: "training loss" for t in m.tasks},
+                                    doc.plot(f"loss_{m.tag}"),
+                                    title=f"Training loss per task ({m.label}; mean over "
+                                    f"seeds, logged interval means)", log_y=True),
+              "training loss")
+  if any(tc.values()):
+    doc.image(plots.training_curves(tc, {t: f"validation {s.main[t]}" for t in m.tasks},
+                                    doc.plot(f"curves_{m.tag}"),
+                                    title=f"Validation metric during training ({m.label}; "
+                                    f"mean ± std over seeds)"), "training curves")
+
+
+def _loss_curve(rs, task):
+  """``(steps, mean, std or None)`` over seeds of one task's logged training loss."""
+  per = [runs_lib.series(r.train, "losses", list(r.tasks).index(task)) for r in rs]
+  per = [p for p in per if len(p[0])]
+  if not per:
+    return None
+  n = min(len(p[0]) for p in per)
+  vals = np.stack([p[1][:n] for p in per])
+  return per[0][0][:n], vals.mean(0), vals.std(0, ddof=1) if len(per) > 1 else None
+
+
+def _conflict_section(doc: _Doc, m: _Mix) -> None:
+  """Gradient conflict of the first seed of each method that logged Gramian statistics."""
+  doc.md += ["### Gradient conflict", ""]
+  ts_all, cf_num = {}, {}
+  for name, d in m.rows.items():
+    r0 = d["runs"][0]
+    if not conflict_lib.has_conflict_stats(r0):
+      continue
+    st = cf_num[name] = conflict_lib.summarize(r0)
+    ts_all[name] = conflict_lib.conflict_timeseries(r0)
+    pairs = st["pairs"]
+    pair_txt = ("; most conflicting pairs: " + ", ".join(
+        f"{a}–{b} ({c:+.2f})" for a, b, c in pairs[:5])) if pairs else (
+            "; no pair with a negative mean cosine" if pairs is not None else "")
+    doc.md.append(f"- **{name}** (seed {r0.seed}, second half of training): mean pairwise cosine "
+                  f"{st['mean_cosine']:+.3f}, min {st['min_cosine']:+.3f}, conflict rate "
+                  f"{st['conflict_rate']:.2f}, norm spread {st['norm_spread']:.3g}{pair_txt}.")
+    cos = conflict_lib.cosine_matrix(r0)
+    if cos is not None:
+      doc.md.append("")
+      doc.image(plots.conflict_heatmap(cos, list(m.tasks),
+                                       doc.plot(f"cosine_{m.tag}_{_slug(name)}"),
+                                       title=f"Mean pairwise gradient cosine, {name} "
+                                       f"(2nd half of training)"), f"cosine heatmap {name}")
+  if ts_all:
+    doc.md.append("")
+    doc.image(plots.conflict_timeseries(ts_all, doc.plot(f"conflict_{m.tag}"),
+                                        title=f"Gradient conflict during training ({m.label})"),
+              "conflict over time")
+  else:
+    doc.md += ["No run of this mix logged conflict statistics (loss-only combiners never form "
+               "the Gramian).", ""]
+  m.numbers["conflict"] = cf_num
+
+
+def _weights_section(doc: _Doc, m: _Mix) -> None:
+  """The combiner weights over time (first seed of each method that logged them)."""
+  wts = {}
+  for name, d in m.rows.items():
+    steps, w = runs_lib.series(d["runs"][0].train, "weights")
+    if len(steps) and np.ndim(w) == 2:
+      wts[name] = (steps, w)
+  if not wts:
+    return
+  seed = min(r.seed for d in m.rows.values() for r in d["runs"])
+  doc.md += ["### Combiner weights", ""]
+  doc.image(plots.weights_over_time(wts, list(m.tasks), doc.plot(f"weights_{m.tag}"),
+                                    title=f"Task weights during training ({m.label}; seed "
+                                    f"{seed})"), "combiner weights")
+
+
+def _tradeoff_section(doc: _Doc, s: _Study, m: _Mix) -> None:
+  """Two tasks: each method's test metrics as a point (mean ± std over seeds), STL marked."""
+  if len(m.tasks) != 2:
+    return
+  (ta, tb), main = m.tasks, s.main
+  pts = {}
+  for name, d in m.rows.items():
+    a = runs_lib.metric_samples(d["runs"], ta, main[ta])
+    b = runs_lib.metric_samples(d["runs"], tb, main[tb])
+    if a.size and b.size:
+      pts[name] = (a.mean(), a.std(ddof=1) if a.size > 1 else 0.0, b.mean(),
+                   b.std(ddof=1) if b.size > 1 else 0.0)
+  if not pts:
+    return
+  stl_pt = (s.stl_mean[ta][main[ta]], s.stl_mean[tb][main[tb]]) if m.have_stl else None
+  doc.md += ["### Trade-off", ""]
+  doc.image(plots.tradeoff_scatter(pts, [ta, tb], [main[ta], main[tb]],
+                                   doc.plot(f"tradeoff_{m.tag}"), stl_pt,
+                                   title=f"Trade-off {ta} vs {tb} (test; mean ± std)"),
+            "two-task trade-off")
+
+
+def _toy_section(doc: _Doc, toy: str) -> None:
+  """Copy ``launch/toy.py``'s picture into the report."""
+  png = os.path.join(toy, "toy.png") if os.path.isdir(toy) else toy
+  if not os.path.exists(png):
+    raise FileNotFoundError(f"--toy {toy}: no toy.png (run launch/toy.py --out=DIR first)")
+  dst = doc.plot("toy")
+  shutil.copyfile(png, dst)
+  doc.md += ["## Toy problem (Nash-MTL Fig. 1)", "", "Trajectories of each combiner from the five "
+             "starts over the loss contours (written by `launch/toy.py`).", ""]
+  doc.image(dst, "toy trajectories")
 
 
 def _plain(x):
