@@ -16,10 +16,11 @@ MGDA-UB (the paper's upper bound, Sec. 3.3) is this same weighting computed by t
 ``z`` instead of the shared parameters (about one backward pass).
 
 Solver: the official code runs Frank-Wolfe (250 iterations, stop at 1e-5) after the best pairwise
-closed form. We solve the same quadratic program on the simplex with accelerated projected gradient
-(FISTA with backtracking and adaptive restart, ``max_iter`` iterations, exact Euclidean projection
-on the simplex; for K = 2 an exact bisection on the segment, like the official closed form) inside jit, on the Gramian scaled to unit trace (the minimiser is scale-free); it
-reaches the QP's optimum to ~1e-6 relative on random inputs (tested against scipy).
+closed form. We solve the same problem exactly inside jit (:func:`min_norm_weights`): as the
+non-negative QP ``min_{v >= 0} v^T G v / 2 - 1^T v`` (``w = v / sum v``) on the unit-diagonal
+Gramian, by :func:`mtl_jax.combiners._qp.box_qp` (FISTA, at most ``max_iter`` iterations, then
+active-set polishing). Tested against a float64 NNLS reference: ``||d||^2`` within 1e-5 relative
+(measured: 4e-7) for K 2..40 and gradient norms spread over 1e4 (Gramian diagonal 1e0..1e8).
 
 Hyper-parameters: ``normalization='none'``, ``scale_by_k=False`` (``True``: weights sum to K as in
 the Nash-MTL repository's baseline; ``False``: sum to 1 as in the paper, the Sener code and
