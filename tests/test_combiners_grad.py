@@ -15,7 +15,8 @@ from mtl_jax.combiners._cagrad import cagrad_weights
 from mtl_jax.combiners._graddrop import graddrop_leaf
 from mtl_jax.combiners._gradvac import gradvac_coefficients
 from mtl_jax.combiners._imtl import imtl_g_weights
-from mtl_jax.combiners._mgda import min_norm_weights, project_simplex
+from mtl_jax.combiners._mgda import min_norm_weights
+from mtl_jax.combiners._qp import project_simplex
 from mtl_jax.combiners._nash_mtl import kkt_residual, nash_solve_timing, solve
 from mtl_jax.combiners._pcgrad import pcgrad_coefficients
 

@@ -16,10 +16,11 @@ MGDA-UB (the paper's upper bound, Sec. 3.3) is this same weighting computed by t
 ``z`` instead of the shared parameters (about one backward pass).
 
 Solver: the official code runs Frank-Wolfe (250 iterations, stop at 1e-5) after the best pairwise
-closed form. We solve the same quadratic program on the simplex with accelerated projected gradient
-(FISTA with backtracking and adaptive restart, ``max_iter`` iterations, exact Euclidean projection
-on the simplex; for K = 2 an exact bisection on the segment, like the official closed form) inside jit, on the Gramian scaled to unit trace (the minimiser is scale-free); it
-reaches the QP's optimum to ~1e-6 relative on random inputs (tested against scipy).
+closed form. We solve the same problem exactly inside jit (:func:`min_norm_weights`): as the
+non-negative QP ``min_{v >= 0} v^T G v / 2 - 1^T v`` (``w = v / sum v``) on the unit-diagonal
+Gramian, by :func:`mtl_jax.combiners._qp.box_qp` (FISTA, at most ``max_iter`` iterations, then
+active-set polishing). Tested against a float64 NNLS reference: ``||d||^2`` within 1e-5 relative
+(measured: 4e-7) for K 2..40 and gradient norms spread over 1e4 (Gramian diagonal 1e0..1e8).
 
 Hyper-parameters: ``normalization='none'``, ``scale_by_k=False`` (``True``: weights sum to K as in
 the Nash-MTL repository's baseline; ``False``: sum to 1 as in the paper, the Sener code and
@@ -37,21 +38,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.combiners._qp import nonneg_qp, project_simplex
 from mtl_jax.combiners.base import GRAMIAN, EmptyState, Method, register
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
-
-
-def project_simplex(v: jax.Array) -> jax.Array:
-  """Euclidean projection onto the probability simplex (sort-based, exact)."""
-  k = v.shape[0]
-  u = jnp.sort(v)[::-1]
-  css = jnp.cumsum(u) - 1.0
-  idx = jnp.arange(1, k + 1, dtype=v.dtype)
-  cond = u - css / idx > 0
-  rho = jnp.max(jnp.where(cond, jnp.arange(k), 0))
-  theta = css[rho] / (rho + 1).astype(v.dtype)
-  return jnp.maximum(v - theta, 0.0)
 
 
 def simplex_minimize(f: Callable[[jax.Array], jax.Array], w0: jax.Array, iters: int,
@@ -107,17 +97,34 @@ def _segment_minimize(f, dtype):
   return jnp.stack([t, 1.0 - t]).astype(dtype)
 
 
-def min_norm_weights(gramian: jax.Array, iters: int = 250) -> jax.Array:
-  """``argmin_{w in simplex} w^T G w`` (the min-norm point of the convex hull), in jit."""
+def min_norm_weights(gramian: jax.Array, iters: int = 250, eps: float = 1e-7) -> jax.Array:
+  """``argmin_{w in simplex} w^T G w`` (the min-norm point of the convex hull), in jit.
+
+  Exact reformulation: if ``w*`` is the min-norm point and ``mu = w*^T G w* > 0``, then
+  ``v = w* / mu`` solves the non-negative QP ``min_{v >= 0} v^T G v / 2 - 1^T v`` (the same KKT
+  system: ``G v >= 1`` with equality on the support), and ``w* = v / sum v``. The QP is solved on
+  the unit-diagonal ``C = D^-1 G D^-1`` (``D = diag(G)^1/2``, ``z = D v``, ``C z - 1/D >= 0``),
+  so gradient norms spread over many decades do not slow or bias the solve; ``eps * I`` is added
+  to ``C`` (bounds ``v`` when ``0`` is in the hull, then ``w`` tends to the null combination).
+  :func:`mtl_jax.combiners._qp.box_qp`: FISTA (``iters`` iterations at most) then active-set
+  polishing, which lands on the exact solution of the final support. A task with a zero gradient
+  makes the minimum 0: it gets all the weight (shared among such tasks).
+  """
   g = jnp.asarray(gramian, jnp.float32)
   k = g.shape[0]
-  tr = jnp.trace(g)
-  g = jnp.where(tr > 0, g / jnp.where(tr > 0, tr, 1.0), g)
-  w0 = jnp.full((k,), 1.0 / k, jnp.float32)
   if k == 1:
     return jnp.ones((1,), jnp.float32)
-  lip0 = jnp.maximum(jnp.max(jnp.diagonal(g)), 1e-6) * 2.0
-  return simplex_minimize(lambda w: 0.5 * w @ g @ w, w0, iters, lip0)
+  diag = jnp.diagonal(g)
+  dead = ~(diag > jnp.max(jnp.abs(diag)) * 1e-30) | ~jnp.isfinite(diag)
+  d = jnp.sqrt(jnp.where(dead, 1.0, diag))
+  eye = jnp.eye(k, dtype=g.dtype)
+  c = jnp.clip(g / (d[:, None] * d[None, :]), -1.0, 1.0)
+  c = jnp.where(eye > 0, 1.0, jnp.where(dead[:, None] | dead[None, :], 0.0, c)) + eps * eye
+  z = nonneg_qp(c, -1.0 / d, 1.0 / d, max_iter=int(iters), tol=1e-6, polish=4)
+  v = jnp.maximum(z, 0.0) / d
+  w = v / jnp.sum(v)
+  w_dead = dead.astype(jnp.float32) / jnp.maximum(jnp.sum(dead), 1)
+  return jnp.where(jnp.any(dead), w_dead, w)
 
 
 def normalizers(gramian: jax.Array, losses: jax.Array, normalization: str) -> jax.Array:

@@ -5,8 +5,8 @@
   DualProj (the dual-cone projection of Quinton & Rey 2024 is ``min_v v^T G v  s.t.  v >= u``) and
   reusable for any nonnegative or box QP over task weights (MGDA-style problems after a change of
   variables, CAGrad's inner problem, ...).
-* :func:`project_simplex`: the Euclidean projection onto ``{w >= 0, sum w = s}`` (the sort-based
-  algorithm of Held et al. 1974 / Duchi et al. 2008).
+* :func:`project_simplex`: the Euclidean projection onto ``{w >= 0, sum w = s}``
+  (``optax.projections.projection_simplex``, row-wise).
 
 The QP solver is written for K up to a few hundred and float32:
 
@@ -27,15 +27,11 @@ Everything is ``jax.lax`` control flow with static shapes: no host callbacks, sa
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
-
-
-class QPInfo(NamedTuple):
-  iterations: jax.Array  # FISTA iterations run
-  residual: jax.Array  # final relative projected-gradient residual (max over the batch)
+import optax
 
 
 def _objective(h, q, x):
@@ -47,10 +43,10 @@ def _grad(h, q, x):
 
 
 def _residual(h, q, x, lower, upper, scale):
-  """Relative norm of the projected-gradient step ``x - clip(x - g)`` (zero at a KKT point)."""
+  """Norm of the projected-gradient step ``x - clip(x - g)`` relative to ``max |x|`` (0 at KKT)."""
   g = _grad(h, q, x)
   step = x - jnp.clip(x - g / scale, lower, upper)
-  size = 1.0 + jnp.max(jnp.abs(x), axis=-1)
+  size = jnp.maximum(jnp.max(jnp.abs(x), axis=-1), jnp.finfo(jnp.float32).tiny)
   return jnp.max(jnp.max(jnp.abs(step), axis=-1) / size)
 
 
@@ -62,8 +58,7 @@ def box_qp(h: jax.Array,
            *,
            max_iter: int = 500,
            tol: float = 1e-7,
-           polish: int = 3,
-           return_info: bool = False):
+           polish: int = 3):
   """Solve ``min 1/2 x^T h x + q^T x  s.t.  lower <= x <= upper``.
 
   Args:
@@ -74,10 +69,9 @@ def box_qp(h: jax.Array,
     x0: optional warm start (projected onto the box); default: the projection of 0.
     max_iter: cap on FISTA iterations; tol: relative projected-gradient tolerance.
     polish: number of active-set polishing steps after FISTA (0 to skip).
-    return_info: also return a :class:`QPInfo`.
 
   Returns:
-    x with the shape of ``q`` (and the info when asked).
+    x with the shape of ``q``.
   """
   h = jnp.asarray(h, jnp.float32)
   q = jnp.asarray(q, jnp.float32)
@@ -87,7 +81,18 @@ def box_qp(h: jax.Array,
   lower = jnp.broadcast_to(jnp.asarray(lower, jnp.float32), q.shape)
   upper = jnp.broadcast_to(jnp.asarray(upper, jnp.float32), q.shape)
   x = jnp.zeros_like(q) if x0 is None else jnp.asarray(x0, jnp.float32)
-  x = jnp.clip(jnp.broadcast_to(x, q.shape), lower, upper)
+  x = jnp.broadcast_to(x, q.shape)
+  # Jacobi scaling z = D x, D = diag(h)^1/2: the box maps to a box, h to a unit-diagonal matrix.
+  diag = jnp.diagonal(h)
+  d = jnp.sqrt(jnp.where(jnp.isfinite(diag) & (diag > 0), diag, 1.0))
+  z = _box_qp_scaled(h / (d[:, None] * d[None, :]), q / d, lower * d, upper * d, x * d,
+                     max_iter, tol, polish)
+  return z / d
+
+
+def _box_qp_scaled(h, q, lower, upper, x, max_iter, tol, polish):
+  """:func:`box_qp` on the (Jacobi-scaled) problem: FISTA with restart, then polishing."""
+  x = jnp.clip(x, lower, upper)
 
   lmax = jnp.max(jnp.linalg.eigvalsh(h))
   scale = jnp.maximum(lmax, jnp.finfo(jnp.float32).tiny)  # Lipschitz constant of the gradient
@@ -109,13 +114,11 @@ def box_qp(h: jax.Array,
     return i + 1, x_new, y_new, t_new, res
 
   res0 = _residual(h, q, x, lower, upper, scale)
-  iters, x, _, _, res = jax.lax.while_loop(
+  _, x, _, _, _ = jax.lax.while_loop(
       cond, body, (jnp.zeros((), jnp.int32), x, x, jnp.ones(q.shape[:-1] + (1,)), res0))
 
   for _ in range(polish):
     x = _polish(h, q, x, lower, upper, scale)
-  if return_info:
-    return x, QPInfo(iters, _residual(h, q, x, lower, upper, scale))
   return x
 
 
@@ -138,7 +141,8 @@ def _polish(h, q, x, lower, upper, scale):
   span = 1e-6 * (1.0 + jnp.abs(cand))
   feasible = jnp.all((cand >= lower - span) & (cand <= upper + span) & jnp.isfinite(cand), axis=-1)
   cand = jnp.clip(cand, lower, upper)
-  better = _objective(h, q, cand) <= _objective(h, q, x) + 1e-7 * (1.0 + jnp.abs(_objective(h, q, x)))
+  obj = _objective(h, q, x)
+  better = _objective(h, q, cand) <= obj + 1e-6 * jnp.abs(obj)  # relative: objectives may be tiny
   take = (feasible & better)[..., None]
   return jnp.where(take, cand, x)
 
@@ -149,21 +153,16 @@ def nonneg_qp(h, q, x0=None, **kw):
 
 
 def project_simplex(v: jax.Array, s: float = 1.0) -> jax.Array:
-  """Euclidean projection of ``v`` (..., K) onto ``{w >= 0, sum_k w_k = s}`` (s > 0).
+  """Euclidean projection of ``v`` (..., K) onto ``{w >= 0, sum_k w_k = s}`` (s > 0), row-wise.
 
-  The sort-based algorithm (Held, Wolfe & Crowder 1974; Duchi et al. 2008): with ``u`` sorted in
-  decreasing order, ``rho = max{j : u_j - (sum_{i<=j} u_i - s) / j > 0}`` and
-  ``w = max(v - theta, 0)``, ``theta = (sum_{i<=rho} u_i - s) / rho``.
+  ``optax.projections.projection_simplex`` (the sort-based algorithm of Held, Wolfe & Crowder
+  1974 / Duchi et al. 2008), mapped over the leading dimensions.
   """
   v = jnp.asarray(v, jnp.float32)
-  k = v.shape[-1]
-  u = -jnp.sort(-v, axis=-1)
-  css = jnp.cumsum(u, axis=-1) - s
-  idx = jnp.arange(1, k + 1, dtype=v.dtype)
-  cond = u - css / idx > 0
-  rho = jnp.sum(cond, axis=-1, keepdims=True)  # >= 1 always (j = 1 satisfies it)
-  theta = jnp.take_along_axis(css, rho - 1, axis=-1) / rho.astype(v.dtype)
-  return jnp.maximum(v - theta, 0.0)
+  fn = lambda x: optax.projections.projection_simplex(x, s)
+  for _ in range(v.ndim - 1):
+    fn = jax.vmap(fn)
+  return fn(v)
 
 
 def dual_cone_weights(u: jax.Array, gramian: jax.Array, norm_eps: float = 1e-4,
@@ -173,16 +172,22 @@ def dual_cone_weights(u: jax.Array, gramian: jax.Array, norm_eps: float = 1e-4,
   Quinton & Rey (2024), "Jacobian Descent for Multi-Objective Optimization", Proposition 1: the
   projection is ``J^T v`` with ``v = argmin_{v >= u} v^T G v``, ``G = J J^T``. As in TorchJD, the
   Gramian is first normalised by its trace (the squared Frobenius norm of ``J``; a Gramian with
-  trace below ``norm_eps`` becomes 0) and ``reg_eps * I`` is added. ``u`` may be (..., K): each
-  row is projected. Scaling ``G`` by ``c > 0`` leaves ``v`` unchanged (the normalisation).
+  trace below ``norm_eps`` becomes 0) and ``reg_eps * I`` is added for the solve. Then (ours,
+  not TorchJD's) active-set polishing on the unregularised normalised Gramian removes the ridge's
+  bias, so ``G v >= 0`` holds to float32 rounding instead of ``-reg_eps v``. ``u`` may be (..., K):
+  each row is projected. Scaling ``G`` by ``c > 0`` leaves ``v`` unchanged (the normalisation).
   """
   g = jnp.asarray(gramian, jnp.float32)
   k = g.shape[0]
   trace = jnp.trace(g)
   g = jnp.where(trace < norm_eps, 0.0, g / jnp.where(trace < norm_eps, 1.0, trace))
-  g = g + reg_eps * jnp.eye(k, dtype=g.dtype)
+  eye = jnp.eye(k, dtype=g.dtype)
   u = jnp.asarray(u, jnp.float32)
-  return box_qp(2.0 * g, jnp.zeros_like(u), u, jnp.inf)
+  v = box_qp(2.0 * (g + reg_eps * eye), jnp.zeros_like(u), u, jnp.inf)
+  # The ridge leaves (G v)_k = -reg_eps v_k < 0 on the free set, a conflict of ~reg_eps: polish on
+  # the unregularised Gramian, where the exact active-set step gives (G v)_k = 0 there (kept only
+  # where it is feasible and not worse, e.g. not where G's free block is singular).
+  return box_qp(2.0 * g, jnp.zeros_like(u), u, jnp.inf, v, max_iter=0, polish=2)
 
 
 def pref_weights(pref_vector, num_tasks: int, name: str) -> jax.Array:

@@ -1,0 +1,107 @@
+"""The Gramian methods' inner problems reach their optimum on ill-conditioned Gramians.
+
+Reference answers are float64 solves (scipy) run in the test; Gramians have diagonals spread over
+1e0..1e8 (gradient norms 1e0..1e4), K from 2 to 40, solved in float32 inside jit.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize as so
+from hypothesis import given, settings, strategies as st
+
+from mtl_jax import combiners
+from mtl_jax.combiners._mgda import min_norm_weights
+
+SETTINGS = dict(max_examples=12, deadline=None, derandomize=True)
+min_norm = jax.jit(min_norm_weights)
+
+
+def ill_jacobian(seed, k, spread=4.0):
+  """K x P Gaussian rows with norms 10**U(0, spread) (Gramian diagonal spread up to 1e8)."""
+  r = np.random.default_rng(seed)
+  p = max(k + 1, int(r.integers(2, 3 * k + 3)))
+  return r.normal(size=(k, p)) * 10**r.uniform(0, spread, size=(k, 1))
+
+
+def min_norm_reference(a):
+  """||d*||^2 of the min-norm point of the rows of ``a``, in float64: least-distance programming
+  (min ||x|| s.t. a x >= 1, then d* = x / ||x||^2) by scipy's NNLS (Lawson & Hanson, ch. 23)."""
+  k, p = a.shape
+  e = np.vstack([a.T, np.ones((1, k))])
+  f = np.zeros(p + 1)
+  f[-1] = 1.0
+  u, _ = so.nnls(e, f, maxiter=100 * k)
+  r = e @ u - f
+  x = -r[:p] / r[p]
+  return 1.0 / (x @ x)
+
+
+@settings(**SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([2, 3, 7, 40]))
+def test_mgda_min_norm_matches_float64_reference(seed, k):
+  a = ill_jacobian(seed, k)
+  g = a @ a.T
+  w = np.asarray(min_norm(jnp.asarray(g, jnp.float32)), np.float64)
+  assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-5
+  mu = w @ g @ w
+  assert abs(mu / min_norm_reference(a) - 1) < 1e-5
+  # KKT: every task's inner product with d is at least ||d||^2 (up to the float32 rounding of w,
+  # which the sums of |G_kj| w_j carry)
+  assert np.all(g @ w >= mu - 1e-5 * (np.abs(g) @ w) - 1e-4 * mu)
+
+
+def test_mgda_reference_case():
+  j = np.diag([10.0, 0.1, 1000.0])
+  w = np.asarray(min_norm(jnp.asarray(j @ j.T, jnp.float32)))
+  np.testing.assert_allclose(w, [1e-4 / 1.0001, 1 / 1.0001, 1e-8 / 1.0001], rtol=1e-4)
+
+
+def test_mgda_degenerate():
+  # 0 in the hull (opposite gradients): equal weights; a zero gradient takes all the weight
+  np.testing.assert_allclose(min_norm(jnp.asarray([[1.0, -1.0], [-1.0, 1.0]])), [0.5, 0.5],
+                             atol=1e-4)
+  np.testing.assert_allclose(min_norm(jnp.diag(jnp.asarray([1.0, 0.0, 4.0]))), [0, 1, 0])
+
+
+def _conflict(g, w):
+  w = np.asarray(w, np.float64)
+  return np.min(g @ w / (np.sqrt(max(w @ g @ w, 1e-300)) * np.sqrt(np.diag(g))))
+
+
+def test_dualproj_upgrad_reference_case_and_conflicting_pairs():
+  cases = [np.array([[70.57, -27.97], [-27.97, 19.44]])]
+  for seed in range(20):
+    r = np.random.default_rng(seed)
+    g1 = r.normal(size=64)
+    j = np.stack([g1, -0.5 * g1 + 0.5 * r.normal(size=64)])
+    cases.append(j @ j.T)
+  for name in ("dualproj", "upgrad"):
+    m = combiners.method(name, 2)
+    weigh = jax.jit(lambda g, m=m: m.weigh(g, jnp.ones(2), m.init(None))[0])
+    for g in cases:
+      assert _conflict(g, weigh(jnp.asarray(g, jnp.float32))) >= -1e-6
+
+
+def test_sdmgrad_official_reference():
+  j = np.array([[1.0, 0.0], [0.0, 0.5]])
+  m = combiners.method("sdmgrad", 2, lamda=0.3, niter=20)
+  w, _ = m.weigh(jnp.asarray(j @ j.T, jnp.float32), jnp.ones(2), m.init(None))
+  np.testing.assert_allclose(w, [0.858159, 0.141841], atol=1e-5)
+
+
+def test_sdmgrad_os_samples_and_scales():
+  k, n = 6, 2
+  m = combiners.method("sdmgrad", k, os_n=n, seed=3)
+  g = jnp.asarray(np.eye(k) + 0.1, jnp.float32)
+  state = m.init(None)
+  kept = []
+  weigh = jax.jit(m.weigh)
+  for _ in range(200):
+    w, state = weigh(g, jnp.ones(k), state)
+    w = np.asarray(w)
+    mask = w > 0
+    assert mask.any()
+    # the K/n-scaled SDMGrad weights of the kept tasks: sum = (K/n) (1 + lamda |S|/K) / (1 + lamda)
+    kept.append(mask)
+  assert abs(np.mean(kept) - n / k) < 0.06  # Bernoulli(n/K) per task
