@@ -261,9 +261,9 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
     updates, opt_state = tx.update(grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ok = out.finite
-    params = combiners.base.keep_if(ok, params, state.params)
-    opt_state = combiners.base.keep_if(ok, opt_state, state.opt_state)
-    new_bs = combiners.base.keep_if(ok, new_bs, state.batch_stats)
+    params = optax.tree.where(ok, params, state.params)
+    opt_state = optax.tree.where(ok, opt_state, state.opt_state)
+    new_bs = optax.tree.where(ok, new_bs, state.batch_stats)
     metrics.update(losses=out.losses, weights=out.weights, finite=ok,
                    grad_norm=_global_norm(grad), update_norm=jnp.where(ok, _global_norm(updates), 0.0),
                    skipped=out.state.skipped)

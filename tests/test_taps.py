@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mtl_jax import autodiff, combiners, taps
-from mtl_jax.models import conv
+from mtl_jax import autodiff, combiners, layers, taps
 
 
 def _direct(op, x, w, g):
@@ -43,10 +42,10 @@ def test_conv_site_gramian_and_update_match_the_task_gradients(kh, kw, stride, d
       return op(xx, ww)
 
   def conv_of(xx, ww):
-    return conv.conv_general_dilated(xx, ww, (stride, stride), pad, rhs_dilation=(dil, dil),
+    return layers.conv_general_dilated(xx, ww, (stride, stride), pad, rhs_dilation=(dil, dil),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  with taps._recording(Rec([w])):
+  with layers.tracing(recorder=Rec([w])):
     y = conv_of(x, w)
   ((meta, op),) = seen
   g = jnp.asarray(rs.randn(k, *y.shape), jnp.float32)
@@ -71,7 +70,7 @@ def test_dense_site_gramian_matches_the_task_gradients(lead, k, seed):
   rs = np.random.RandomState(seed)
   x = jnp.asarray(rs.randn(*lead, 5), jnp.float32)
   w = jnp.asarray(rs.randn(5, 3), jnp.float32)
-  op = functools.partial(taps._dot, dimension_numbers=(((x.ndim - 1,), (0,)), ((), ())))
+  op = functools.partial(layers._dot, dimension_numbers=(((x.ndim - 1,), (0,)), ((), ())))
   y = op(x, w)
   g = jnp.asarray(rs.randn(k, *y.shape), jnp.float32)
   want, _ = _direct(op, x, w, g)
@@ -87,8 +86,8 @@ class _Net(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = nn.relu(conv.Conv(6, (3, 3), padding="SAME")(x)).mean((1, 2))
-    dense = taps.Dense(6)
+    h = nn.relu(layers.Conv(6, (3, 3), padding="SAME")(x)).mean((1, 2))
+    dense = layers.Dense(6)
     h = jnp.tanh(dense(h))
     if self.reuse:
       h = jnp.tanh(dense(h))

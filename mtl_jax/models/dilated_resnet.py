@@ -36,7 +36,7 @@ import numpy as np
 
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
-from mtl_jax.models.conv import Conv
+from mtl_jax.layers import Conv
 
 
 def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:

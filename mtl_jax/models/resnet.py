@@ -27,7 +27,7 @@ import numpy as np
 
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
-from mtl_jax.models.conv import Conv
+from mtl_jax.layers import Conv
 
 
 def batch_norm(train: bool, name: str | None = None, scale_init=nn.initializers.ones) -> nn.BatchNorm:

@@ -42,7 +42,7 @@ import numpy as np
 
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
-from mtl_jax.models.conv import Conv
+from mtl_jax.layers import Conv
 
 _ENC_CONVS = (2, 2, 3, 3, 3)
 _DEC_CONVS = (3, 3, 3, 2, 2)

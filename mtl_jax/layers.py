@@ -1,4 +1,23 @@
-"""A 2-D convolution whose backward pass is written in XLA's canonical convolution layout.
+"""The library's layers: a dense layer and a convolution that the engine can tap, and the switch
+that tells them how they are being traced. Imports nothing of ``mtl_jax`` (models and the engine
+both build on it).
+
+:data:`Dense` and :data:`Conv` are flax's ``nn.Dense`` and ``nn.Conv`` (same parameters, names and
+initialisers) with their product routed through :func:`dot_general` and
+:func:`conv_general_dilated`. Outside :func:`tracing` these are the plain operations (the
+convolution with a canonical-layout backward pass, below). The engine (:mod:`mtl_jax.taps`,
+:mod:`mtl_jax.autodiff`) traces a loss function inside :func:`tracing` to
+
+* record every call and add a zero-valued *tap* to chosen calls' outputs (``recorder``: an object
+  with ``visit(kind, meta, op, x, w) -> y`` and ``alias(cast, leaf)``), the layer-tap Gramian;
+* take the convolution as ``jax.lax.conv_general_dilated`` itself (``forward_mode=True``), for the
+  forward-mode linearisation of the ``gramian`` mode.
+
+Mixed precision (:func:`cast_floating`): a model that computes in bfloat16 casts its float32
+parameters once at its boundary; the cast leaves are reported to an active recorder as aliases of
+the parameters, so the taps keep working under the cast.
+
+The convolution's backward pass is written in XLA's canonical convolution layout.
 
 Why: XLA-CPU runs a convolution through its fast (Eigen) kernel only in the canonical form
 ``NHWC x HWIO -> NHWC``. JAX's transpose rules express the two backward convolutions by relabelling
@@ -16,9 +35,10 @@ placed. It covers the case every backbone here uses -- 2-D, ``NHWC``/``HWIO``, a
 and kernel dilation, no input dilation, one feature group -- and calls
 ``jax.lax.conv_general_dilated`` unchanged for anything else. Forward-mode differentiation of a
 ``custom_vjp`` function is not available in JAX (and a JVP obtained by transposing this VJP would
-relabel dimensions again): code that needs forward mode traces under :func:`forward_mode`, where
-this function is ``jax.lax.conv_general_dilated`` itself -- the engine's ``gramian`` mode
-linearises the loss that way for its JVPs and takes its VJPs outside it. Measured (same setting):
+relabel dimensions again): code that needs forward mode traces under
+``tracing(forward_mode=True)``, where this function is ``jax.lax.conv_general_dilated`` itself --
+the engine's ``gramian`` mode linearises the loss that way for its JVPs and takes its VJPs outside
+it. Measured (same setting):
 one task gradient per ``lax.scan`` iteration 0.09 s instead of 4.0 s, and one VJP at top level
 0.15 s instead of 0.19 s.
 """
@@ -28,28 +48,100 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mtl_jax import taps
-
+DTYPES = ("float32", "bfloat16")
 _CANONICAL = ("NHWC", "HWIO", "NHWC")
-_FORWARD_MODE = contextvars.ContextVar("mtl_jax_conv_forward_mode", default=False)
+
+
+class Tracing(NamedTuple):
+  """How the library's layers trace (the engine's switch; :func:`tracing`)."""
+
+  recorder: Optional[Any] = None  # visit(kind, meta, op, x, w) -> y; alias(cast, leaf)
+  forward_mode: bool = False  # the convolution without custom_vjp (jax.jvp / jax.linearize work)
+
+
+# Why a ContextVar: the engine differentiates a loss function whose signature is the user's
+# (``loss_fn(params, *args)``), built from flax modules several levels deep (sharing strategies
+# over backbone stages); the switch changes only how those layers *trace*, for the one trace the
+# engine makes, and there is no argument through which it could reach them. This is the dynamic
+# scope JAX's own tracing contexts (``jax.named_scope``, ``jax.default_matmul_precision``) and
+# flax's ``nn.intercept_methods`` use for the same reason. Outside :func:`tracing` it is the
+# default (plain layers), so a model traced by anyone else is unaffected.
+_TRACING: contextvars.ContextVar = contextvars.ContextVar("mtl_jax_layer_tracing",
+                                                          default=Tracing())
 
 
 @contextlib.contextmanager
-def forward_mode():
-  """While tracing inside this context, :func:`conv_general_dilated` is the plain ``lax`` op (no
-  ``custom_vjp``), so ``jax.jvp``/``jax.linearize`` can differentiate it forwards."""
-  token = _FORWARD_MODE.set(True)
+def tracing(recorder=None, forward_mode: bool = False):
+  """While tracing inside this context, the library's layers report to ``recorder`` and/or use the
+  plain convolution (``forward_mode``); see the module docstring."""
+  token = _TRACING.set(Tracing(recorder, bool(forward_mode)))
   try:
     yield
   finally:
-    _FORWARD_MODE.reset(token)
+    _TRACING.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision.
+
+
+def compute_dtype(name) -> Any:
+  """The compute dtype ``name`` (``'float32'`` | ``'bfloat16'``; None is float32)."""
+  name = "float32" if name is None else str(name)
+  if name not in DTYPES:
+    raise ValueError(f"unknown model dtype {name!r}; valid: {', '.join(DTYPES)}")
+  return jnp.dtype(name)
+
+
+def cast_floating(tree, dtype):
+  """``tree`` with its floating leaves cast to ``dtype`` (other leaves, e.g. indices, unchanged).
+  Under an active recorder each cast leaf is reported as an alias of its source, so a layer whose
+  kernel is a cast parameter is still recognised (:mod:`mtl_jax.taps`)."""
+  dtype = jnp.dtype(dtype)
+  recorder = _TRACING.get().recorder
+
+  def cast(x):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating) or jnp.result_type(x) == dtype:
+      return x
+    y = jnp.asarray(x, dtype)
+    if recorder is not None:
+      recorder.alias(y, x)
+    return y
+
+  return jax.tree.map(cast, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense.
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+  """``lax.dot_general``; a dense layer's ``x W`` (last axis of ``x`` against a 2-D kernel's first)
+  is reported to an active recorder. Pass it as ``nn.Dense(dot_general=...)`` (:data:`Dense`)."""
+  op = functools.partial(_dot, dimension_numbers=dimension_numbers, precision=precision,
+                         preferred_element_type=preferred_element_type, **kw)
+  recorder = _TRACING.get().recorder
+  (lc, rc), (lb, rb) = dimension_numbers
+  dense = (rhs.ndim == 2 and lhs.ndim >= 1 and tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,)
+           and not lb and not rb)
+  if recorder is None or not dense:
+    return op(lhs, rhs)
+  return recorder.visit("dense", (), op, lhs, rhs)
+
+
+def _dot(lhs, rhs, **kw):
+  return lax.dot_general(lhs, rhs, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution with a canonical-layout backward pass.
 
 
 def _is_canonical_2d(lhs, rhs, dimension_numbers) -> bool:
@@ -77,7 +169,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
   simple = (_is_canonical_2d(lhs, rhs, dimension_numbers) and feature_group_count == 1
             and batch_group_count == 1 and all(d == 1 for d in (lhs_dilation or (1, 1)))
             and preferred_element_type is None and lhs.dtype == rhs.dtype)
-  if not simple or _FORWARD_MODE.get():
+  hook = _TRACING.get()
+  if not simple or hook.forward_mode:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, batch_group_count,
                                     precision, preferred_element_type)
@@ -85,7 +178,10 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
   dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
   pads = _pairs(padding, lhs.shape[1:3], rhs.shape[:2], strides, dilation)
   op = functools.partial(_conv, strides, pads, dilation, precision)
-  return taps.conv_site(op, lhs, rhs, rhs.shape[:2], strides, pads, dilation)
+  if hook.recorder is None:
+    return op(lhs, rhs)
+  meta = (tuple(rhs.shape[:2]), strides, pads, dilation)
+  return hook.recorder.visit("conv", meta, op, lhs, rhs)
 
 
 def _forward(strides, pads, dilation, precision, x, w):
@@ -134,5 +230,7 @@ def _conv_bwd(strides, pads, dilation, precision, res, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-# flax's convolution with this function: same parameters and names as ``nn.Conv``.
+# flax's dense layer and convolution through the functions above: same parameters and names as
+# ``nn.Dense`` / ``nn.Conv``.
+Dense = functools.partial(nn.Dense, dot_general=dot_general)
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
