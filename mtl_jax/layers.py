@@ -118,6 +118,13 @@ def cast_floating(tree, dtype):
   return jax.tree.map(cast, tree)
 
 
+def as_float(x):
+  """``x`` as a floating array: a floating input keeps its dtype (the compute dtype a model was
+  cast to), anything else becomes float32. Models use it where they read their inputs."""
+  x = jnp.asarray(x)
+  return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dense.
 

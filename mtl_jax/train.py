@@ -35,6 +35,7 @@ the device step).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -56,6 +57,7 @@ from mtl_jax import autodiff
 from mtl_jax import combiners
 from mtl_jax import config_utils
 from mtl_jax import evaluation
+from mtl_jax import layers
 from mtl_jax import logging_utils
 from mtl_jax.models.base import sync_batch_norm
 
@@ -84,7 +86,9 @@ def build_model(config, bench):
   """The sharing strategy ``config.model.sharing`` over the backbone and the benchmark's tasks.
 
   Returns a :class:`mtl_jax.sharing.MultiTaskModel`. ``config.model.backbone`` (with
-  ``config.model.width`` when non-zero) replaces the benchmark's default backbone.
+  ``config.model.width`` when non-zero) replaces the benchmark's default backbone;
+  ``config.model.dtype`` (``float32`` | ``bfloat16``) is the compute dtype (parameters and optimizer
+  stay float32).
   """
   from mtl_jax import sharing  # pylint: disable=g-import-not-at-top
   backbone = bench.backbone
@@ -92,8 +96,12 @@ def build_model(config, bench):
     from mtl_jax import models  # pylint: disable=g-import-not-at-top
     opts = {"width": int(config.model.width)} if config.model.width else {}
     backbone = models.get(config.model.backbone, **opts)
-  return sharing.get(config.model.sharing, backbone, list(bench.tasks),
-                     **config.model.sharing_options.to_dict())
+  model = sharing.get(config.model.sharing, backbone, list(bench.tasks),
+                      **config.model.sharing_options.to_dict())
+  dtype = config.model.get("dtype", "float32")
+  if dtype not in layers.DTYPES:
+    raise config_utils.one_of("model dtype", dtype, layers.DTYPES)
+  return dataclasses.replace(model, compute_dtype=dtype)
 
 
 def _variables(params, batch_stats, constants):

@@ -54,7 +54,7 @@ class LeNetConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = jnp.asarray(x, jnp.float32)
+    x = layers.as_float(x)
     if x.ndim == 3:
       x = x[..., None]
     if x.ndim != 4:

@@ -156,7 +156,7 @@ class NNConv(nn.Module):
   def edge_weights(self, edges):
     """``Theta(e)`` for every edge: ``[E, F_edge] -> [E, d, features]``."""
     d = self.in_features or self.features
-    hidden = nn.relu(self.edge_fc1(jnp.asarray(edges, jnp.float32)))
+    hidden = nn.relu(self.edge_fc1(layers.as_float(edges)))
     return self.edge_fc2(hidden).reshape(-1, d, self.features)
 
   def __call__(self, x, g, theta=None):
@@ -184,8 +184,9 @@ class MPNNEncoder(nn.Module):
   def __call__(self, g, train: bool):
     del train
     _check_graph(g)
-    nmask = g["node_mask"].astype(jnp.float32)[:, None]
-    x = nn.relu(layers.Dense(self.width, name="embed")(jnp.asarray(g["nodes"], jnp.float32))) * nmask
+    nodes = layers.as_float(g["nodes"])
+    nmask = g["node_mask"].astype(nodes.dtype)[:, None]
+    x = nn.relu(layers.Dense(self.width, name="embed")(nodes)) * nmask
     conv = NNConv(self.width, self.edge_hidden, name="conv")
     gru = nn.GRUCell(self.width, name="gru")
     theta = conv.edge_weights(g["edges"])  # once for all passes (the passes share the weights)
