@@ -88,6 +88,8 @@ class EngineOut(NamedTuple):
   aux: Any  # the loss function's aux (local to the device)
   state: CombinerState  # the new combiner state
   finite: jax.Array  # bool: False when the step was skipped for a non-finite loss or gradient
+  # with ``gramian_groups``: {group: (K, K) Gramian of that group's shared parameters}
+  group_gramians: Optional[dict] = None
 
 
 class Options(NamedTuple):
@@ -99,6 +101,7 @@ class Options(NamedTuple):
   exact_axis: Optional[str]  # the axis per-task quantities are averaged over before combining
   chunk: int  # gramian mode: tasks per streamed block
   layer_gramian: str  # jacobian mode: which layers are tapped
+  groups: tuple = ()  # ((name, frozenset of flattened leaf indices), ...) for gramian_groups
 
 
 class Linear(NamedTuple):
@@ -124,6 +127,7 @@ class Step(NamedTuple):
   gramian: Optional[jax.Array]
   method_state: Any
   ok: jax.Array
+  groups: Optional[dict] = None  # {group: (K, K)} with gramian_groups
 
 
 def default_mode(method: Method) -> str:
@@ -186,16 +190,20 @@ def combine(method: Method,
             axis_name: Optional[str] = None,
             reduction: str = "exact",
             gramian_chunk: int = 1,
-            layer_gramian: str = "auto") -> EngineOut:
+            layer_gramian: str = "auto",
+            gramian_groups=None) -> EngineOut:
   """One combined gradient. See the module docstring for the modes and reductions.
 
   ``state`` is a :class:`CombinerState` (``method.transform().init(params)`` makes one; the optax
   transform and the engine share it, so a run can switch between them). ``layer_gramian``
   (``auto`` | ``all`` | ``off``): which layers a weighting's ``jacobian`` mode taps
-  (:mod:`mtl_jax.taps`); other modes and aggregators ignore it.
+  (:mod:`mtl_jax.taps`); other modes and aggregators ignore it. ``gramian_groups`` (``jacobian``
+  mode): ``{group: parameter-path prefix}`` (paths as ``'stage_0/Conv_0/kernel'``); the result's
+  ``group_gramians`` then holds each group's K x K Gramian over its shared leaves, from the same
+  backward pass (the full Gramian is their sum when the groups cover the shared leaves).
   """
   opts = _options(method, loss_fn, params, mode, shared_mask, axis_name, reduction,
-                  gramian_chunk, layer_gramian)
+                  gramian_chunk, layer_gramian, gramian_groups)
   if opts.mode == "features":
     step, aux = _features_path(method, state, loss_fn, params, args, opts)
   else:
@@ -204,11 +212,12 @@ def combine(method: Method,
   if axis_name is not None and reduction == "local":
     step = _reduce_local(step, axis_name)
   update, new_state, ok = skip_nonfinite(step.ok, step.update, step.method_state, state)
-  return EngineOut(update, step.losses, step.weights, step.gramian, aux, new_state, ok)
+  return EngineOut(update, step.losses, step.weights, step.gramian, aux, new_state, ok,
+                   step.groups)
 
 
 def _options(method, loss_fn, params, mode, shared_mask, axis_name, reduction, chunk,
-             layer_gramian) -> Options:
+             layer_gramian, gramian_groups) -> Options:
   mode = mode or default_mode(method)
   check_mode(method, mode)
   if reduction not in REDUCTIONS:
@@ -221,8 +230,43 @@ def _options(method, loss_fn, params, mode, shared_mask, axis_name, reduction, c
     raise ValueError(f"unknown layer_gramian {layer_gramian!r}; valid: "
                      f"{', '.join(taps.LAYER_GRAMIAN)}")
   exact_axis = axis_name if reduction == "exact" else None
-  return Options(mode, resolve_mask(shared_mask, params), axis_name, exact_axis, int(chunk),
-                 layer_gramian)
+  mask = resolve_mask(shared_mask, params)
+  groups = ()
+  if gramian_groups:
+    if mode != "jacobian":
+      raise ValueError(f"gramian_groups needs engine mode 'jacobian' (the held Jacobian is per "
+                       f"layer), got mode {mode!r}")
+    groups = _resolve_groups(gramian_groups, params, mask)
+  return Options(mode, mask, axis_name, exact_axis, int(chunk), layer_gramian, groups)
+
+
+def _resolve_groups(gramian_groups, params, mask) -> tuple:
+  """``{name: prefix}`` -> ``((name, frozenset of shared leaf indices), ...)``; a group that
+  matches no shared leaf, or a leaf in two groups, is an error."""
+  paths = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  shared = jax.tree.leaves(mask)
+  groups, owner = [], {}
+  for name, prefix in dict(gramian_groups).items():
+    members = frozenset(i for i, p in enumerate(paths) if shared[i] and p.startswith(str(prefix)))
+    if not members:
+      raise ValueError(f"gramian group {name!r}: prefix {prefix!r} matches no shared parameter; "
+                       f"shared paths: {', '.join(p for p, m in zip(paths, shared) if m)}")
+    for i in members:
+      if i in owner:
+        raise ValueError(f"gramian groups {owner[i]!r} and {name!r} both hold {paths[i]!r}")
+      owner[i] = name
+    groups.append((str(name), members))
+  return tuple(groups)
+
+
+def _grouped(terms: dict, groups: tuple, k: int):
+  """``(G, {group: G_g})`` from per-leaf Gramian terms ``{leaf index: (K, K)}``."""
+  zero = jnp.zeros((k, k), jnp.float32)
+  gram = sum(terms.values(), zero) if terms else gramian_of([], [])
+  per_group = {name: sum((terms[i] for i in members if i in terms), zero)
+               for name, members in groups}
+  return gram, (per_group or None)
 
 
 def _linearise(method, loss_fn, params, args, opts: Options) -> Linear:
@@ -323,12 +367,11 @@ def _weighting_jacobian_step(method, state, lin: Linear, opts: Options) -> Step:
   site_of = {s.leaf: i for i, s in enumerate(plan.sites)}
   rows = _pmean([None if i in site_of else j for i, j in enumerate(leaves)], opts.exact_axis)
   size = _axis_size(opts.exact_axis)
-  terms = [taps.site_gramian(s, inputs[i][0], tap_rows[i], opts.exact_axis, size)
-           for i, s in enumerate(plan.sites)]
-  direct = [j for j, m in zip(rows, mask_leaves) if m and j is not None]
-  if direct or not terms:
-    terms.append(gramian_of(direct, [True] * len(direct), task_axis=-1))
-  gram = sum(terms[1:], terms[0])
+  terms = {s.leaf: taps.site_gramian(s, inputs[i][0], tap_rows[i], opts.exact_axis, size)
+           for i, s in enumerate(plan.sites)}
+  terms.update({i: gramian_of([j], [True], task_axis=-1)
+                for i, (j, m) in enumerate(zip(rows, mask_leaves)) if m and j is not None})
+  gram, groups = _grouped(terms, opts.groups, lin.losses.shape[0])
   weights, new, ok = guarded_weights(method, gram, lin.losses, state.method)
   specific = method.specific_weights(weights)
   update = []
@@ -340,16 +383,18 @@ def _weighting_jacobian_step(method, state, lin: Linear, opts: Options) -> Step:
       update.append(_pmean(upd, opts.exact_axis))
     else:
       update.append(weighted_sum(weights if m else specific, j, task_axis=-1))
-  return Step(jax.tree.unflatten(treedef, update), lin.losses, weights, gram, new, ok)
+  return Step(jax.tree.unflatten(treedef, update), lin.losses, weights, gram, new, ok, groups)
 
 
 def _aggregator_step(method, state, lin: Linear, opts: Options) -> Step:
   """An aggregator on the K-leading Jacobian; the Gramian is for the statistics (cheap next to
   the Jacobian)."""
   jac = _pmean(_rows(lin.pull, lin.losses, task_axis=0), opts.exact_axis)
-  gram = gramian_of(jac, opts.mask, task_axis=0)
+  terms = {i: gramian_of([j], [True]) for i, (j, m) in
+           enumerate(zip(jax.tree.leaves(jac), jax.tree.leaves(opts.mask))) if m}
+  gram, groups = _grouped(terms, opts.groups, lin.losses.shape[0])
   update, weights, new, ok = aggregated(method, jac, lin.losses, state.method, opts.mask)
-  return Step(update, lin.losses, weights, gram, new, ok)
+  return Step(update, lin.losses, weights, gram, new, ok, groups)
 
 
 def _streamed_gramian(lin: Linear, k: int, opts: Options) -> jax.Array:
@@ -392,7 +437,9 @@ def _reuse_step(method, state, lin: Linear, opts: Options) -> Step:
   weights = weights * scale
   ok = all_finite(lin.losses, update, weights)
   weights = jnp.where(ok, weights, 0.0)
-  return Step(update, lin.losses, weights, jnp.zeros((k, k), jnp.float32), new, ok)
+  zeros = jnp.zeros((k, k), jnp.float32)
+  groups = {name: zeros for name, _ in opts.groups} or None
+  return Step(update, lin.losses, weights, zeros, new, ok, groups)
 
 
 def _weighted_grad(method, lin: Linear, weights, mask):
