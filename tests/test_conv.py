@@ -1,4 +1,4 @@
-"""The canonical-layout convolution (mtl_jax.models.conv) against jax.lax.conv_general_dilated."""
+"""The canonical-layout convolution (mtl_jax.layers) against jax.lax.conv_general_dilated."""
 
 import flax.linen as nn
 import jax
