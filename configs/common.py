@@ -73,12 +73,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.name = "adam"  # adam | adamw | sgd
   c.optimizer.learning_rate = 1e-3
   c.optimizer.weight_decay = 0.0
-  c.optimizer.schedule = "constant"  # constant | cosine | step
+  c.optimizer.schedule = "constant"  # constant | cosine | step | plateau
   c.optimizer.warmup_steps = 0
   c.optimizer.grad_clip = 0.0  # 0 = off
   c.optimizer.momentum = 0.9  # sgd only
   c.optimizer.decay_rate = 0.1  # 'step' schedule: multiply by this at each boundary
   c.optimizer.decay_boundaries = (0.5, 0.75)  # 'step' schedule: fractions of the total steps
+  # 'plateau' schedule (PyTorch ReduceLROnPlateau, mode 'min', on validation -selection_score, i.e.
+  # Δm% under select='delta_m', stepped at every evaluation: set eval_every to one epoch);
+  # defaults are PyTorch's.
+  c.optimizer.plateau_factor = 0.1
+  c.optimizer.plateau_patience = 10  # evaluations without improvement tolerated
+  c.optimizer.plateau_min_lr = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128

@@ -106,7 +106,8 @@ def main(argv=None):
   return results
 
 
-def plot(trajs, front, path):
+def figure(trajs, front):
+  """The trajectories over the contours of L1 + L2, one panel per method (x1, x2 labelled)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -127,10 +128,18 @@ def plot(trajs, front, path):
       ax.scatter(traj[0, s, 0], traj[0, s, 1], color=colors[s], marker="o", s=20)
       ax.scatter(traj[-1, s, 0], traj[-1, s, 1], color=colors[s], marker="*", s=80)
     ax.set_title(m)
+    ax.set_xlabel("x1 (start o, end *)")
+    ax.set_ylabel("x2")
     ax.set_xlim(-10, 10)
     ax.set_ylim(-10, 10)
   axes[0][0].legend(loc="upper left", fontsize=7)
   fig.tight_layout()
+  return fig
+
+
+def plot(trajs, front, path):
+  import matplotlib.pyplot as plt
+  fig = figure(trajs, front)
   fig.savefig(path, dpi=100)
   plt.close(fig)
 

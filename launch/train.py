@@ -3,13 +3,21 @@ r"""Train one multi-task model from a config.
     python launch/train.py --config=configs/nash_celeba.py:smoke --workdir=/tmp/w \
       --config.combiner.name=pcgrad --config.tasks=Smiling,Male
 
-Rerunning the same command resumes from the workdir's latest checkpoint. Several hosts: launch the
-same command on each with ``--distributed`` (or ``MTL_JAX_DISTRIBUTED=1``), which calls
-``jax.distributed.initialize()`` (coordinator from the environment, as on Cloud TPU / SLURM).
+Rerunning the same command resumes from the workdir's latest checkpoint (a newest checkpoint that
+does not restore is moved aside to ``<step>.corrupt`` and the one before it is used). Several
+hosts: launch the same command on each with ``--distributed`` (or ``MTL_JAX_DISTRIBUTED=1``), which
+calls ``jax.distributed.initialize()`` (coordinator from the environment, as on Cloud TPU / SLURM).
 
-A config problem (unknown key, combiner, sharing, dataset or task name, bad choice) prints one line
-naming the valid choices and exits with status 2; a non-finite loss with
-``config.train.on_nonfinite='stop'`` prints one line and exits with status 3.
+The terminal shows a start-up block, a line before each long phase (data, compiling), a progress
+bar (with ``--progress`` or on a terminal) and the selected step's test metrics with Δm%; the full
+log, without orbax's INFO lines, is ``<workdir>/train.*INFO*``.
+
+Exit status: 0 done; 2 a problem the user can fix, in one line (unknown config key, combiner,
+sharing, dataset, task or variant; missing or unparsable config file; a workdir that is a file or
+not writable; data not prepared; checkpoints none of which restores); 3 a non-finite loss with
+``config.train.on_nonfinite='stop'``; 4 every step skipped as non-finite
+(``on_nonfinite='skip'``): the run finished but learned nothing; 143 stopped by SIGTERM after
+saving a checkpoint (preempted: rerun to resume), as a shell reports a SIGTERM-killed process.
 """
 
 import os
@@ -34,6 +42,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", os.environ.get("MTL_JAX_DISTRIBUTED", "") not in ("", "0"),
     "call jax.distributed.initialize() (several hosts); env MTL_JAX_DISTRIBUTED=1 also sets it")
 
+EXIT_USER, EXIT_NONFINITE, EXIT_ALL_SKIPPED, EXIT_PREEMPTED = 2, 3, 4, 143
+_LOADED = []  # the config the --config flag loaded (flag_error_line checks overrides against it)
+
 
 def _fail(msg: str, code: int) -> None:
   sys.stderr.write(f"error: {msg}\n")
@@ -41,50 +52,118 @@ def _fail(msg: str, code: int) -> None:
   os._exit(code)  # pylint: disable=protected-access  (no traceback, no atexit noise)
 
 
-def main(argv):
-  if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; use --config, --workdir, --config.<key>=<value>", 2)
-  if _WORKDIR.value is None:
-    _fail("--workdir is required", 2)
-  workdir = _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
+def _say(line: str) -> None:
+  print(line, flush=True)
+
+
+class _DropOrbaxInfo:
+  """A logging filter: orbax's INFO lines (about half of a run's log) stay out of our log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _open_workdir(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    _fail(f"--workdir {workdir!r} is a file, not a directory", EXIT_USER)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    _fail(f"--workdir {workdir!r} is not writable ({e.strerror})", EXIT_USER)
   # Log to a file in the workdir (each process its own), warnings and errors also to stderr.
   logging.get_absl_handler().use_absl_log_file("train", workdir)
+  logging.get_absl_handler().addFilter(_DropOrbaxInfo())
   logging.set_stderrthreshold("warning")
+
+
+def _print_result(summary: dict, bench, workdir: str) -> None:
+  """The selected step's test metrics (with units where the benchmark has them) and Δm%."""
+  units = summary.get("units") or {}
+  for task, metrics in (summary.get("test") or {}).items():
+    vals = metrics.items() if isinstance(metrics, dict) else [("value", metrics)]
+    unit = f" {units[task]}" if task in units else ""
+    _say(f"test {task}: " + ", ".join(f"{k} {float(v):.6g}{unit}" for k, v in vals))
+  _say(f"num_params {summary.get('num_params'):,}; step {summary['step']} params_checksum "
+       f"{summary['params_checksum']}; summary -> {os.path.join(workdir, 'summary.json')}")
+  dm = summary.get("delta_m")
+  if dm is None:
+    _say(f"Δm% n/a: benchmark {bench.name!r} has no single-task reference "
+         f"(test metrics of step {summary['selected_step']}, selected by {summary['selection']})")
+    return
+  source = bench.info.get("reference_source") or f"the single-task (STL) reference of {bench.name}"
+  _say(f"Δm% {float(dm):+.2f} (lower is better) against {source}, at step "
+       f"{summary['selected_step']} selected by validation {summary['selection']}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; use --config, --workdir, --config.<key>=<value>",
+          EXIT_USER)
+  if _WORKDIR.value is None:
+    _fail("--workdir is required", EXIT_USER)
+  workdir = _WORKDIR.value
+  _open_workdir(workdir)
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from mtl_jax import config_utils  # pylint: disable=g-import-not-at-top
   from mtl_jax import train  # pylint: disable=g-import-not-at-top
 
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    config.keys()  # a missing config file raises here, not in the flag parser
+  except OSError as e:  # config_flags defers a missing config file to the first access
+    _fail(config_utils.flag_error_line(e, sys.argv), EXIT_USER)
   logging.info("config:\n%s", config)
+  _say(f"loading {config.data.name} data and building the model (a first run featurises or "
+       f"indexes the dataset: QM9 takes minutes once, then it is cached)…")
   try:
     built = train.build(config)  # validate and build first: configuration errors are one line
-  except (config_utils.ConfigError, ValueError, KeyError, TypeError) as e:
-    _fail(str(e).splitlines()[0] if str(e) else repr(e), 2)
+  except (config_utils.ConfigError, ValueError, KeyError, TypeError, OSError) as e:
+    _fail(str(e).splitlines()[0] if str(e) else repr(e), EXIT_USER)
   try:
-    summary = train.fit(config, workdir, progress=_PROGRESS.value, built=built)
+    summary = train.fit(config, workdir, progress=_PROGRESS.value, built=built, echo=True)
   except train.NonFiniteError as e:
-    _fail(str(e), 3)
+    _fail(str(e), EXIT_NONFINITE)
+  except train.CheckpointError as e:
+    _fail(str(e), EXIT_USER)
   if summary is None:
     logging.warning("stopped by SIGTERM; rerun the same command to resume")
-    return
-  for task, metrics in (summary.get("test") or {}).items():  # the selected step's test metrics
-    vals = metrics.items() if isinstance(metrics, dict) else [("value", metrics)]
-    print(f"test {task}: " + ", ".join(f"{k} {float(v):.6g}" for k, v in vals))
-  print(f"num_params {summary.get('num_params')}")
-  print(f"step {summary['step']} params_checksum {summary['params_checksum']} "
-        f"delta_m {summary['delta_m']} -> {os.path.join(workdir, 'summary.json')}")
+    sys.stdout.flush()
+    os._exit(EXIT_PREEMPTED)  # pylint: disable=protected-access
+  _print_result(summary, built[0], workdir)
+  if summary["skipped_steps"] >= summary["step"]:
+    _fail(f"every one of the {summary['step']} steps was skipped as non-finite "
+          f"(config.train.on_nonfinite='skip'): the parameters are the initial ones", EXIT_ALL_SKIPPED)
+
+
+def _remember_loaded_config() -> None:
+  """Keep the config the ``--config`` flag loads, so that a bad override can be named against it
+  without loading the file a second time."""
+  parser = flags.FLAGS["config"].parser
+  load = parser.parse
+
+  def parse(argument):
+    _LOADED.append(load(argument))
+    return _LOADED[-1]
+
+  parser.parse = parse
 
 
 def _parse(argv):
-  """absl flag parsing with flag errors (unknown --config.key, bad value) as one line."""
+  """absl flag parsing with flag errors (unknown --config.key, bad value, missing or broken config
+  file, unknown variant) as one line."""
+  _remember_loaded_config()
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError,
+          SyntaxError) as e:
     from mtl_jax import config_utils  # pylint: disable=g-import-not-at-top
-    _fail(config_utils.flag_error_line(e, argv), 2)
+    _fail(config_utils.flag_error_line(e, argv, _LOADED[-1] if _LOADED else None), EXIT_USER)
 
 
 if __name__ == "__main__":

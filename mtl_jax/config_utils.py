@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import importlib.util
+import json
 import os
+import re
 from typing import Any, Iterable
 
 import ml_collections
@@ -24,7 +25,7 @@ CHOICES = {
     ("engine", "reduction"): ("exact", "local"),
     ("engine", "layer_gramian"): ("auto", "all", "off"),
     ("optimizer", "name"): ("adam", "adamw", "sgd"),
-    ("optimizer", "schedule"): ("constant", "cosine", "step"),
+    ("optimizer", "schedule"): ("constant", "cosine", "step", "plateau"),
     ("train", "on_nonfinite"): ("stop", "skip"),
     ("train", "select"): ("auto", "delta_m", "mean_main"),
 }
@@ -86,6 +87,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if float(config.optimizer.learning_rate) <= 0:
     raise ConfigError(f"config.optimizer.learning_rate must be > 0, got "
                       f"{config.optimizer.learning_rate}")
+  o = config.optimizer
+  if o.schedule == "plateau":
+    if not 0 < float(o.plateau_factor) < 1:
+      raise ConfigError(f"config.optimizer.plateau_factor must be in (0, 1), got {o.plateau_factor}")
+    if int(o.plateau_patience) < 0 or float(o.plateau_min_lr) < 0:
+      raise ConfigError("config.optimizer.plateau_patience and plateau_min_lr must be >= 0, got "
+                        f"{o.plateau_patience} and {o.plateau_min_lr}")
 
 
 def task_list(tasks: Any) -> list[str] | str:
@@ -119,26 +127,37 @@ def check_override_paths(config: ml_collections.ConfigDict, paths: Iterable[str]
       node, walked = node[key], walked + [key]
 
 
-def flag_error_line(err: BaseException, argv: list[str]) -> str:
-  """One line for an error raised while parsing ``--config`` flags."""
+def flag_error_line(err: BaseException, argv: list[str],
+                    config: ml_collections.ConfigDict | None = None) -> str:
+  """One line for an error raised while parsing ``--config`` flags. ``config``: the config the
+  ``--config`` flag loaded, if it got that far (a bad ``--config.a.b`` override is then named with
+  the valid keys); the config file is never loaded again here."""
   spec, paths = None, []
   for a in argv[1:]:
     if a.startswith("--config="):
       spec = a.split("=", 1)[1]
     elif a.startswith("--config."):
       paths.append(a[len("--config."):].split("=", 1)[0])
-  if spec and paths:
+  path = (spec or "").partition(":")[0]
+  if config is not None and paths:
     try:
-      check_override_paths(load_config_file(spec), paths)
+      check_override_paths(config, paths)
     except ConfigError as e:
       return str(e)
-    except Exception:  # pylint: disable=broad-except
-      pass
-  lines = [l.strip() for l in str(err).strip().splitlines() if l.strip()]
+  if isinstance(err, SyntaxError):
+    return f"config file {path!r} does not parse: {err.msg} (line {err.lineno})"
+  text = str(err)
+  if path and ("No such file or directory" in text or "Failed loading config file" in text):
+    return f"config file {path!r} not found"
+  lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
   if not lines:
     return repr(err)
   if len(lines) > 1:  # a traceback inside the message: its last line is the error itself
-    return f"{lines[0].split(':')[0]}: {lines[-1]}"
+    last = lines[-1]
+    ours = re.match(r"^([\w.]+\.)?(VariantError|ConfigError): (.*)$", last)
+    if ours:  # ours: already one line naming the choices
+      return ours.group(3)
+    return f"config file {path!r}: {last}" if path else last
   return lines[0]
 
 

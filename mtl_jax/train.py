@@ -25,12 +25,17 @@ Metrics come out of the same step: task losses, the combiner's weights, gradient
 conflict statistics from the Gramian the engine already computed (none in the ``losses`` mode),
 the norms of the combined gradient and of the parameter update, and the regulariser.
 
-:func:`fit` is the run: build from the config, restore the latest checkpoint of the workdir if any,
-train with evaluation every ``eval_every`` steps and best-on-validation selection, checkpoint every
-``checkpoint_every`` steps / at the end / on SIGTERM, and write ``summary.json``. The host checks the
-task losses of every step for NaN/Inf (the step's metrics are fetched every step anyway for the
-logs; the next batch is read from the loader before waiting for them, so the host work overlaps
-the device step).
+:func:`fit` is the run, a short sequence of named steps over one :class:`Run` record:
+:func:`build_program` (build from the config, initialise, jit; shared with :func:`run_steps`),
+:func:`restore_latest` (the newest checkpoint that restores; a corrupt one is moved aside to
+``<step>.corrupt``), then ``_loop`` — train, and at its boundaries ``_read_pending`` (the host's one
+read of the device's metrics since the last boundary, checked step by step for NaN/Inf so a
+non-finite step is reported at its own step), ``_log`` every ``log_every`` steps, ``_evaluate``
+every ``eval_every`` (best-on-validation selection, the plateau schedule), ``_save`` every
+``checkpoint_every`` / at the end / on SIGTERM — and ``_summary`` (``summary.json``, with the
+config's digest). Between boundaries the host never waits for the device: the next batch is read
+while the device runs the step. Steps/s counts training steps only (not the compiling first step,
+evaluation or checkpoints).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import itertools
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional
@@ -51,6 +57,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mtl_jax import autodiff
@@ -62,6 +69,7 @@ from mtl_jax import logging_utils
 from mtl_jax.models.base import sync_batch_norm
 
 AXIS = "data"
+_clock = time.perf_counter  # the run's timer (a test replaces it)
 PyTree = Any
 
 
@@ -72,6 +80,9 @@ class TrainState(NamedTuple):
   combiner_state: combiners.CombinerState
   step: jax.Array  # int32: steps done
   rng: jax.Array  # uint32 key data; the key of step s is fold_in(rng, s) (and the device index)
+  # optax.contrib.reduce_on_plateau's state: its ``scale`` multiplies every update (1.0 unless
+  # config.optimizer.schedule == 'plateau', stepped on the host after each evaluation)
+  plateau: PyTree
 
 
 class NonFiniteError(RuntimeError):
@@ -169,7 +180,7 @@ def make_split_loss(model, tasks, constants):
 def make_schedule(config, num_steps: int):
   o = config.optimizer
   lr, warm = float(o.learning_rate), int(o.warmup_steps)
-  if o.schedule == "constant":
+  if o.schedule in ("constant", "plateau"):  # plateau: constant times TrainState.plateau.scale
     sched = optax.constant_schedule(lr)
   elif o.schedule == "cosine":
     sched = optax.cosine_decay_schedule(lr, max(num_steps - warm, 1))
@@ -215,9 +226,17 @@ def make_mesh(devices=None):
   return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
 
 
-def _global_norm(tree) -> jax.Array:
-  leaves = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
-  return jnp.sqrt(sum(leaves)) if leaves else jnp.zeros(())
+def make_plateau(config) -> optax.GradientTransformationExtraArgs:
+  """``optax.contrib.reduce_on_plateau`` as PyTorch's ``ReduceLROnPlateau(mode='min')``, which the
+  official QM9 trainers use: the rate is multiplied by ``plateau_factor`` once the monitored value
+  (validation ``-selection_score``, i.e. Δm% under ``select='delta_m'``) has not improved by a
+  relative 1e-4 for more than ``plateau_patience`` evaluations, never below ``plateau_min_lr``.
+  PyTorch reduces when the count of bad epochs *exceeds* patience, optax when it *reaches* it,
+  hence ``patience + 1``."""
+  o = config.optimizer
+  return optax.contrib.reduce_on_plateau(
+      factor=float(o.plateau_factor), patience=int(o.plateau_patience) + 1, rtol=1e-4,
+      min_scale=float(o.plateau_min_lr) / float(o.learning_rate))
 
 
 def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTransformation,
@@ -267,17 +286,20 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
       grad = jax.tree.map(jnp.add, grad, reg_grad)
       metrics["regularizer"] = reg
     updates, opt_state = tx.update(grad, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * state.plateau.scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     ok = out.finite
     params = optax.tree.where(ok, params, state.params)
     opt_state = optax.tree.where(ok, opt_state, state.opt_state)
     new_bs = optax.tree.where(ok, new_bs, state.batch_stats)
     metrics.update(losses=out.losses, weights=out.weights, finite=ok,
-                   grad_norm=_global_norm(grad), update_norm=jnp.where(ok, _global_norm(updates), 0.0),
+                   grad_norm=optax.tree.norm(grad),
+                   update_norm=jnp.where(ok, optax.tree.norm(updates), 0.0),
                    skipped=out.state.skipped)
     if out.gramian is not None:
       metrics.update(evaluation.conflict_stats(out.gramian))
-    new = TrainState(params, new_bs, opt_state, out.state, state.step + 1, state.rng)
+    new = TrainState(params, new_bs, opt_state, out.state, state.step + 1, state.rng,
+                     state.plateau)
     return new, metrics
 
   def per_device_sync_bn(state: TrainState, batch):
@@ -351,7 +373,8 @@ def init_state(config, model, bench, method: combiners.Method, tx, mesh):
       opt_state=tx.init(params),
       combiner_state=method.transform().init(params),
       step=jnp.zeros((), jnp.int32),
-      rng=jax.random.key_data(data_key))
+      rng=jax.random.key_data(data_key),
+      plateau=make_plateau(config).init(params))
   return replicate(state, mesh), replicate(constants, mesh)
 
 
@@ -446,14 +469,34 @@ def auto_gramian_mode(num_tasks: int, params, mask, budget_mb: float) -> str:
   return "jacobian" if num_tasks * shared * 4 <= budget_mb * 2**20 else "gramian"
 
 
-def run_steps(config, num_steps: int, devices=None, batches=None):
-  """Train ``num_steps`` steps from the initial state without the loop's outputs (no checkpoint,
-  no logging); returns ``(state, [metrics per step])``. For tests and notebooks. ``batches``
-  replace the loader's; for a ``per_device_batches`` benchmark they must be per-device stacks."""
-  bench, model, method, mode = build(config)
+class Program(NamedTuple):
+  """What a run trains with, built once from the config (:func:`build_program`)."""
+  bench: Any
+  model: Any
+  method: combiners.Method
+  mode: str
+  mesh: Any
+  loader: Any  # the training loader: ``next()``, settable ``.position``, ``.batches_per_epoch``
+  num_steps: int
+  state: TrainState  # the initial state
+  constants: PyTree
+  step_fn: Callable
+
+
+def build_program(config, devices=None, built=None, num_steps: Optional[int] = None) -> Program:
+  """Build, initialise and jit the run of ``config``: the shared start of :func:`fit` and
+  :func:`run_steps`. ``num_steps``: the schedule's length (default: the config's)."""
+  bench, model, method, mode = built if built is not None else build(config)
   mesh = make_mesh(devices)
+  bsz, ndev = int(config.train.batch_size), mesh.devices.size
+  if bsz % ndev:
+    raise config_utils.ConfigError(
+        f"config.train.batch_size {bsz} is not divisible by the {ndev} devices")
   loader = make_train_loader(bench, config, mesh)
-  tx = make_optimizer(config, max(int(config.train.num_steps), num_steps))
+  if num_steps is None:
+    num_steps = int(config.train.num_steps) or int(config.train.num_epochs) * \
+        loader.batches_per_epoch
+  tx = make_optimizer(config, num_steps)
   state, constants = init_state(config, model, bench, method, tx, mesh)
   mask = combiners.resolve_mask(model.shared_mask, jax.device_get(state.params))
   step_fn = make_train_step(model, list(bench.tasks), method, tx, mesh, mode=mode,
@@ -461,237 +504,460 @@ def run_steps(config, num_steps: int, devices=None, batches=None):
                             shared_mask=mask, constants=constants,
                             per_device_batches=bench.per_device_batches,
                             layer_gramian=config.engine.layer_gramian)
-  history = []
+  return Program(bench, model, method, mode, mesh, loader, int(num_steps), state, constants,
+                 step_fn)
+
+
+def run_steps(config, num_steps: int, devices=None, batches=None):
+  """Train ``num_steps`` steps from the initial state without the loop's outputs (no checkpoint,
+  no logging); returns ``(state, [metrics per step])``. For tests and notebooks. ``batches``
+  replace the loader's; for a ``per_device_batches`` benchmark they must be per-device stacks."""
+  p = build_program(config, devices, num_steps=max(int(config.train.num_steps), num_steps))
+  state, history = p.state, []
   for i in range(num_steps):
-    batch = batches[i] if batches is not None else next(loader)
-    state, metrics = step_fn(state, shard_batch(batch, mesh))
-    history.append(jax.device_get(metrics))
-  return state, history
+    batch = batches[i] if batches is not None else next(p.loader)
+    state, metrics = p.step_fn(state, shard_batch(batch, p.mesh))
+    history.append(metrics)
+  return state, jax.device_get(history)
 
 
-def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[bool] = None,
-        devices=None, built=None) -> Optional[dict]:
-  """Train (or resume) the run of ``config`` in ``workdir``; returns the summary (None if stopped
-  by SIGTERM before the end). ``built``: the result of :func:`build` when the caller has it."""
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _one_line(err: BaseException) -> str:
+  text = str(err).strip().splitlines()
+  first = text[0].split(". See full TensorStore details")[0] if text else ""
+  return f"{type(err).__name__}: {first[:200]}"
+
+
+def restore_latest(mngr, target: TrainState, say=logging.info):
+  """``(state, meta)`` of the newest step of ``mngr`` that restores, or ``(None, None)`` when the
+  workdir has no checkpoint. A step that fails to restore (a truncated or missing array file,
+  garbage metadata) is moved aside to ``<step>.corrupt`` (never deleted), one line says so, and
+  the previous step is tried; :class:`CheckpointError` when none restores."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  tried = []
+  while (step := mngr.latest_step()) is not None:
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      return restored["state"], restored["meta"]
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise bare Exception)
+      src = os.path.join(str(mngr.directory), str(step))
+      dst = src + ".corrupt"
+      n = 1
+      while os.path.exists(dst):
+        dst, n = f"{src}.corrupt.{n}", n + 1
+      os.rename(src, dst)
+      mngr.reload()
+      tried.append(step)
+      say(f"checkpoint step {step} does not restore ({_one_line(e)}); moved to {dst}, "
+          f"trying the previous step")
+  if tried:
+    raise CheckpointError(f"no checkpoint in {mngr.directory} restores (tried steps "
+                          f"{', '.join(map(str, tried))}, moved aside as <step>.corrupt); "
+                          f"remove the workdir to start afresh")
+  return None, None
 
-  t_start = time.perf_counter()
-  bench, model, method, mode = built if built is not None else build(config)
-  tasks = list(bench.tasks)
-  names = [t.name for t in tasks]
-  mesh = make_mesh(devices)
-  ndev = mesh.devices.size
-  pidx, pcount = jax.process_index(), jax.process_count()
-  bsz = int(config.train.batch_size)
-  if bsz % ndev:
-    raise config_utils.ConfigError(
-        f"config.train.batch_size {bsz} is not divisible by the {ndev} devices")
-  train_loader = make_train_loader(bench, config, mesh)
-  num_steps = int(config.train.num_steps) or int(config.train.num_epochs) * \
-      train_loader.batches_per_epoch
-  tx = make_optimizer(config, num_steps)
-  state, constants = init_state(config, model, bench, method, tx, mesh)
-  mask = combiners.resolve_mask(model.shared_mask, jax.device_get(state.params))
-  step_fn = make_train_step(model, tasks, method, tx, mesh, mode=mode,
-                            reduction=config.engine.reduction, multi_input=bench.multi_input,
-                            shared_mask=mask, constants=constants,
-                            per_device_batches=bench.per_device_batches,
-                            layer_gramian=config.engine.layer_gramian)
-  num_params = int(model.num_params(jax.device_get(state.params)))
 
-  main = pidx == 0
-  os.makedirs(workdir, exist_ok=True)
-  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  mngr = ocp.CheckpointManager(
-      ckpt_dir, options=ocp.CheckpointManagerOptions(
-          max_to_keep=int(config.train.keep_checkpoints), create=True))
-  best = {"score": None, "step": None, "validation": None, "test": None}
-  last_eval = -1
-  start = 0
-  latest = mngr.latest_step()
-  if latest is not None:
-    restored = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
-    state = restored["state"]
-    meta = restored["meta"]
-    train_loader.position = int(meta["position"])
-    best = meta["best"]
-    last_eval = int(meta.get("last_eval", -1))
-    start = int(jax.device_get(state.step))
-    logging.info("resumed from %s at step %d", ckpt_dir, start)
+class CheckpointError(RuntimeError):
+  """The workdir has checkpoints but none of them restores."""
 
+
+# ---------------------------------------------------------------------------------------------
+# The run: fit = open outputs, restore, then the loop of steps with logging, evaluation and
+# checkpoints at their boundaries, then the summary.
+
+
+@dataclasses.dataclass
+class Run:
+  """What the loop carries from step to step (host side)."""
+  state: TrainState
+  step: int
+  best: dict
+  last_eval: int = -1
+  pending: list = dataclasses.field(default_factory=list)  # (step, device metrics) not read yet
+  acc: Optional[dict] = None  # sums of the read metrics since the last log record
+  acc_n: int = 0
+  skipped: int = 0
+  ahead: bool = False  # the loader has given the batch of the next step already
+  train_s: float = 0.0  # seconds in training steps (not compile, evaluation or checkpoints)
+  log_s: float = 0.0  # train_s at the last log record
+  log_step: int = 0
+  mark: Optional[float] = None  # start of the current stretch of training steps
+  loss: float = float("nan")  # mean total loss of the last log interval (the progress bar)
+
+
+class Outputs(NamedTuple):
+  """Where a run writes (all no-ops on processes other than 0, except the checkpoints)."""
+  mngr: Any
+  jsonl: logging_utils.JsonlWriter
+  tb: logging_utils.TensorBoard
+  say: Callable[[str], None]
+
+
+class Evaluator(NamedTuple):
+  """Evaluation of a state on validation / test (and optionally N training batches)."""
+  loaders: dict
+  train_loader: Any
+  n_train: int
+  stats_fn: Callable
+  reduce_fn: Optional[Callable]
+  rule: str
+  plateau_update: Optional[Callable]  # jitted reduce_on_plateau update, when the schedule is one
+
+
+def _fetch(tree):
+  """The loop's one host read of device values (at log, evaluation and checkpoint steps)."""
+  return jax.device_get(tree)
+
+
+def _console(echo: bool) -> Callable[[str], None]:
+  def say(line: str) -> None:
+    logging.info("%s", line)
+    if echo and jax.process_index() == 0:
+      tqdm.tqdm.write(line, file=sys.stdout)
+      sys.stdout.flush()
+  return say
+
+
+def _open_checkpoints(config, workdir: str):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=int(config.train.keep_checkpoints),
+                                           create=True))
+
+
+def _open_outputs(workdir: str, mngr, start: int, say) -> Outputs:
+  main = jax.process_index() == 0
   jsonl = logging_utils.JsonlWriter(os.path.join(workdir, "metrics.jsonl"), enabled=main)
-  jsonl.truncate_after(start)
+  jsonl.truncate_after(start)  # a resumed run rewrites the records of the steps it repeats
   tb = logging_utils.TensorBoard(os.path.join(workdir, "tensorboard"), enabled=main,
                                  purge_step=start if start else None)
-  bar = logging_utils.ProgressBar(num_steps, start, enabled=progress if main else False)
+  return Outputs(mngr, jsonl, tb, say)
 
-  eval_loaders = {s: bench.loader(s, int(config.train.eval_batch_size), 0, False, pidx, pcount)
-                  for s in ("validation", "test")}
+
+def _make_evaluator(config, p: Program) -> Evaluator:
+  pidx, pcount = jax.process_index(), jax.process_count()
+  bench, ebs = p.bench, int(config.train.eval_batch_size)
+  loaders = {s: bench.loader(s, ebs, 0, False, pidx, pcount) for s in ("validation", "test")}
   # Optional: N training batches evaluated like validation (the train/validation gap of
   # mtl_jax.analysis.overfitting); 0 = off. A fixed random subset (the first N batches of a seeded
   # permutation), not the first N in storage order: a split stored sorted (QM9 by molecule index,
   # small molecules first) would otherwise give a biased sample.
-  n_train_eval = int(config.train.get("eval_train_batches", 0) or 0)
-  train_eval_loader = (bench.loader("train", int(config.train.eval_batch_size), 0, True, pidx,
-                                    pcount) if n_train_eval else None)
-  stats_fn = jax.jit(evaluation.batch_stats_fn(eval_apply(model), tasks, bench.multi_input))
+  n_train = int(config.train.get("eval_train_batches", 0) or 0)
+  train_loader = bench.loader("train", ebs, 0, True, pidx, pcount) if n_train else None
+  stats_fn = jax.jit(evaluation.batch_stats_fn(eval_apply(p.model), list(bench.tasks),
+                                               bench.multi_input))
   reduce_fn = None
   if pcount > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     reduce_fn = lambda t: jax.tree.map(lambda x: np.sum(x, 0),
                                        multihost_utils.process_allgather(t))
-  rule = _select_rule(config, bench)
-  refs = bench.reference
-  direction = evaluation.direction(tasks)
+  plateau_update = None
+  if config.optimizer.schedule == "plateau":
+    tx = make_plateau(config)
+    plateau_update = jax.jit(lambda s, v: tx.update({}, s, value=v)[1])
+  return Evaluator(loaders, train_loader, n_train, stats_fn, reduce_fn, _select_rule(config, bench),
+                   plateau_update)
 
-  def run_eval(step):
-    nonlocal best, last_eval
-    variables = _variables(state.params, state.batch_stats, constants)
-    res = {s: evaluation.evaluate(None, variables, ld, tasks, multi_input=bench.multi_input,
-                                  stats_fn=stats_fn, reduce_fn=reduce_fn)
-           for s, ld in eval_loaders.items()}
-    if n_train_eval:
-      total = evaluation.accumulate(stats_fn, variables,
-                                    itertools.islice(train_eval_loader.epoch(), n_train_eval))
-      res["train"] = evaluation.results_from_stats(tasks, reduce_fn(total) if reduce_fn else total)
-    score = selection_score(rule, res["validation"], bench)
-    improved = best["score"] is None or score > best["score"]
-    if improved:
-      best = {"score": score, "step": step, "validation": res["validation"], "test": res["test"]}
-    last_eval = step
-    record = {"step": step, "eval": res, "selection_score": score, "best_step": best["step"]}
-    dm = evaluation.delta_m(res["test"], refs, direction) if refs else None
-    if dm is not None:
-      record["test_delta_m"] = dm
-    jsonl.write(record)
-    flat = logging_utils.flatten({s: r for s, r in res.items()})
-    flat["eval/selection_score"] = score
-    if dm is not None:
-      flat["eval/test_delta_m"] = dm
-    tb.scalars(step, flat)
-    logging.info("step %d eval: %s (score %.5g, best step %s)", step,
-                 json.dumps(logging_utils._plain(res)), score, best["step"])
 
-  def save(step, force=False):
-    # The loader is one batch ahead (the next batch is read while the device runs the step).
-    position = train_loader.position - (1 if batch is not None else 0)
-    meta = {"position": int(position), "step": int(step), "best": best,
-            "last_eval": int(last_eval)}
-    # Save a copy: the checkpoint is written in the background while the next step runs, and
-    # that step donates (overwrites in place) the state's buffers.
-    snapshot = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(snapshot),
-        meta=ocp.args.JsonSave(logging_utils._plain(meta))), force=force)
+def evaluate_state(ev: Evaluator, p: Program, state: TrainState) -> dict:
+  """``{split: results}`` of ``state`` on validation and test (and ``train`` when asked)."""
+  tasks = list(p.bench.tasks)
+  variables = _variables(state.params, state.batch_stats, p.constants)
+  res = {s: evaluation.evaluate(None, variables, ld, tasks, multi_input=p.bench.multi_input,
+                                stats_fn=ev.stats_fn, reduce_fn=ev.reduce_fn)
+         for s, ld in ev.loaders.items()}
+  if ev.n_train:
+    total = evaluation.accumulate(ev.stats_fn, variables,
+                                  itertools.islice(ev.train_loader.epoch(), ev.n_train))
+    res["train"] = evaluation.results_from_stats(tasks, ev.reduce_fn(total) if ev.reduce_fn
+                                                 else total)
+  return res
 
-  stop = _Stop()
-  stop.install()
-  log_every = int(config.train.log_every)
-  acc, acc_n = None, 0
-  t_loop = time.perf_counter()
-  t_first = None
-  step = start
-  skipped_total = int(jax.device_get(state.combiner_state.skipped))
-  preempted = False
-  batch = None
-  try:
-    batch = next(train_loader) if step < num_steps else None
-    while step < num_steps:
-      state, metrics = step_fn(state, shard_batch(batch, mesh))
-      step += 1
-      batch = next(train_loader) if step < num_steps else None  # overlaps the device step
-      m = jax.device_get(metrics)
-      if t_first is None:
-        t_first = time.perf_counter()
-      if not bool(m["finite"]):
-        bad = [n for n, l in zip(names, np.asarray(m["losses"])) if not np.isfinite(l)]
-        what = (f"task loss {', '.join(bad)}" if bad else "combined gradient (all losses finite)")
-        if config.train.on_nonfinite == "stop":
-          msg = (f"non-finite {what} at step {step}; stopping, the last good checkpoint is "
-                 f"step {mngr.latest_step()}")
-          logging.error(msg)
-          raise NonFiniteError(msg)
-        logging.warning("non-finite %s at step %d: step skipped (%d so far)", what, step,
-                        int(m["skipped"]))
-      skipped_total = int(m["skipped"])
-      scal = {k: np.asarray(v, np.float64) for k, v in m.items() if k != "finite"}
-      acc = scal if acc is None else jax.tree.map(np.add, acc, scal)
-      acc_n += 1
-      if step % log_every == 0 or step == num_steps:
-        mean = jax.tree.map(lambda x: x / acc_n, acc)
-        now = time.perf_counter()
-        rate = (step - start) / max(now - t_loop, 1e-9)
-        record = {"step": step, "steps_per_sec": rate, **mean, "skipped": skipped_total}
-        jsonl.write(record)
-        tb.scalars(step, logging_utils.flatten(
-            {k: v for k, v in record.items() if k != "step"},
-            {"losses": names, "weights": names, "grad_norms": names}))
-        acc, acc_n = None, 0
-      if step % int(config.train.eval_every) == 0 or step == num_steps:
-        run_eval(step)
-      if step % int(config.train.checkpoint_every) == 0 or step == num_steps:
-        save(step, force=True)
-      bar.update(step)
-      if stop.flag:
-        logging.warning("SIGTERM at step %d: checkpointing and stopping", step)
-        if mngr.latest_step() != step:
-          save(step, force=True)
-        preempted = True
-        break
-    if not preempted and last_eval != num_steps and step == num_steps:
-      run_eval(step)  # resumed at the end, before its evaluation
-  finally:
-    stop.uninstall()
-    mngr.wait_until_finished()
+
+def _evaluate(run: Run, p: Program, ev: Evaluator, out: Outputs) -> None:
+  """Evaluate, select the best step on validation, step the plateau schedule, write the record."""
+  bench = p.bench
+  if run.last_eval < 0:
+    out.say(f"evaluating at step {run.step} (the first evaluation compiles)…")
+  res = evaluate_state(ev, p, run.state)
+  score = selection_score(ev.rule, res["validation"], bench)
+  if run.best["score"] is None or score > run.best["score"]:
+    run.best = {"score": score, "step": run.step, "validation": res["validation"],
+                "test": res["test"]}
+  run.last_eval = run.step
+  record = {"step": run.step, "eval": res, "selection_score": score,
+            "best_step": run.best["step"]}
+  if ev.plateau_update is not None:
+    plateau = replicate(ev.plateau_update(run.state.plateau, jnp.float32(-score)), p.mesh)
+    run.state = run.state._replace(plateau=plateau)
+    record["lr_scale"] = float(_fetch(plateau.scale))
+  refs, direction = bench.reference, evaluation.direction(bench.tasks)
+  dm = evaluation.delta_m(res["test"], refs, direction) if refs else None
+  if dm is not None:
+    record["test_delta_m"] = dm
+  out.jsonl.write(record)
+  flat = logging_utils.flatten(dict(res))
+  flat.update({f"eval/{k}": record[k] for k in ("selection_score", "test_delta_m", "lr_scale")
+               if k in record})
+  out.tb.scalars(run.step, flat)
+  logging.info("step %d eval: %s (score %.5g, best step %s)", run.step,
+               json.dumps(logging_utils._plain(res)), score, run.best["step"])
+
+
+def _save(run: Run, p: Program, out: Outputs) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  # The loader may be one batch ahead (the next batch is read while the device runs the step).
+  position = p.loader.position - (1 if run.ahead else 0)
+  meta = {"position": int(position), "step": int(run.step), "best": run.best,
+          "last_eval": int(run.last_eval)}
+  # Save a copy: the checkpoint is written in the background while the next step runs, and
+  # that step donates (overwrites in place) the state's buffers.
+  snapshot = jax.tree.map(lambda x: jnp.array(x, copy=True), run.state)
+  out.mngr.save(run.step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(snapshot),
+      meta=ocp.args.JsonSave(logging_utils._plain(meta))), force=True)
+
+
+def _read_pending(run: Run, names, on_nonfinite: str, mngr) -> None:
+  """Read the metrics of the steps run since the last read (one host sync) and check each step
+  for NaN/Inf in order, so a non-finite step is reported at its own step number."""
+  steps = [s for s, _ in run.pending]
+  for step, m in zip(steps, _fetch([m for _, m in run.pending])):
+    if not bool(m["finite"]):
+      bad = [n for n, l in zip(names, np.asarray(m["losses"])) if not np.isfinite(l)]
+      what = f"task loss {', '.join(bad)}" if bad else "combined gradient (all losses finite)"
+      if on_nonfinite == "stop":
+        msg = (f"non-finite {what} at step {step}; stopping, the last good checkpoint is "
+               f"step {mngr.latest_step()}")
+        logging.error(msg)
+        raise NonFiniteError(msg)
+      logging.warning("non-finite %s at step %d: step skipped (%d so far)", what, step,
+                      int(m["skipped"]))
+    run.skipped = int(m["skipped"])
+    scal = {k: np.asarray(v, np.float64) for k, v in m.items() if k != "finite"}
+    run.acc = scal if run.acc is None else jax.tree.map(np.add, run.acc, scal)
+    run.acc_n += 1
+  run.pending = []
+
+
+def _log(run: Run, names, out: Outputs) -> None:
+  """One metrics record: means since the last record, steps/s of the training steps alone."""
+  if not run.acc_n:
+    return
+  mean = jax.tree.map(lambda x: x / run.acc_n, run.acc)
+  seconds = run.train_s - run.log_s
+  rate = (run.step - run.log_step) / seconds if seconds > 0 else None
+  record = {"step": run.step, "steps_per_sec": rate, **mean, "skipped": run.skipped}
+  out.jsonl.write(record)
+  out.tb.scalars(run.step, logging_utils.flatten(
+      {k: v for k, v in record.items() if k != "step" and v is not None},
+      {"losses": names, "weights": names, "grad_norms": names}))
+  run.loss = float(np.sum(mean["losses"]))
+  run.acc, run.acc_n, run.log_s, run.log_step = None, 0, run.train_s, run.step
+
+
+def _pause(run: Run) -> None:
+  """End a stretch of training steps (their results have been read, so the device is done)."""
+  if run.mark is not None:
+    run.train_s += _clock() - run.mark
+    run.mark = None
+
+
+def _resume_clock(run: Run) -> None:
+  run.mark = _clock()
+
+
+def _compile_first_step(run: Run, p: Program, batch, out: Outputs):
+  """The first step of this process: compiles the program; timed apart from the others."""
+  out.say(f"compiling the train step ({p.method.name}, engine mode {p.mode}, "
+          f"{p.mesh.devices.size} device(s))…")
+  t0 = _clock()
+  run.state, metrics = p.step_fn(run.state, shard_batch(batch, p.mesh))
+  jax.block_until_ready(metrics)
+  out.say(f"compiled and ran the first step in {_clock() - t0:.1f} s")
+  return metrics
+
+
+def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progress) -> bool:
+  """Train to ``p.num_steps``; True when stopped by SIGTERM (after checkpointing). The host reads
+  the device's results only at log, evaluation and checkpoint steps (and on SIGTERM)."""
+  names = [t.name for t in p.bench.tasks]
+  every = {k: int(config.train[k]) for k in ("log_every", "eval_every", "checkpoint_every")}
+  n, bar = p.num_steps, None
+  batch = next(p.loader) if run.step < n else None
+  while run.step < n:
+    first = bar is None
+    if first:  # this process's first step compiles: timed apart, before the bar starts
+      metrics = _compile_first_step(run, p, batch, out)
+      bar = _bar(run.step, n, progress)
+    else:
+      run.state, metrics = p.step_fn(run.state, shard_batch(batch, p.mesh))
+    run.step += 1
+    if first:  # steps/s counts the steps after it
+      run.log_step = run.step
+      _resume_clock(run)
+    run.pending.append((run.step, metrics))
+    batch = next(p.loader) if run.step < n else None  # read while the device runs the step
+    run.ahead = batch is not None
+    at = {k: run.step % v == 0 or run.step == n for k, v in every.items()}
+    if any(at.values()) or stop.flag:
+      _read_pending(run, names, config.train.on_nonfinite, out.mngr)
+      _pause(run)
+      if at["log_every"]:
+        _log(run, names, out)
+      if at["eval_every"]:
+        _evaluate(run, p, ev, out)
+      if at["checkpoint_every"] or (stop.flag and out.mngr.latest_step() != run.step):
+        _save(run, p, out)
+      _resume_clock(run)
+      bar.set_postfix_str(f"loss {run.loss:.4g}", refresh=False)
+    bar.update(1)
+    if stop.flag:
+      bar.close()
+      logging.warning("SIGTERM at step %d: checkpointed, stopping", run.step)
+      out.say(f"SIGTERM at step {run.step}: checkpoint saved; rerun the same command to resume")
+      return True
+  if bar is not None:
     bar.close()
-    tb.flush()
-  if preempted:
-    mngr.close()
-    tb.close()
-    return None
-  if mngr.latest_step() != num_steps:
-    save(num_steps, force=True)
-    mngr.wait_until_finished()
-  mngr.close()
-  tb.close()
+  _pause(run)
+  return False
 
-  t_end = time.perf_counter()
-  timed = step - start - 1  # the first step's time includes compilation
-  steps_per_sec = (timed / (t_end - t_first)) if timed > 0 and t_first else None
-  final_test = None
-  summary = {
-      "step": int(step),
-      "params_checksum": params_checksum(state.params),
-      "tasks": names,
+
+def _bar(initial: int, total: int, progress: Optional[bool]):
+  """tqdm over the steps (created after the compiling first step, so its rate excludes it)."""
+  disable = (not progress) if progress is not None else not sys.stderr.isatty()
+  return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                   disable=disable or jax.process_index() != 0, file=sys.stderr)
+
+
+def _mode_reason(config, p: Program) -> str:
+  if config.engine.mode:
+    return "set by config.engine.mode"
+  if p.method.needs == combiners.LOSSES:
+    return f"{p.method.name} needs only the losses"
+  if p.method.needs == combiners.GRAMIAN:
+    return (f"auto: the K x P_shared Jacobian {'fits' if p.mode == 'jacobian' else 'exceeds'} "
+            f"config.engine.jacobian_budget_mb={config.engine.jacobian_budget_mb:g}")
+  return f"{p.method.name} needs the {p.method.needs}"
+
+
+def _startup_block(config, p: Program, workdir: str, num_params: int, start: int) -> list:
+  bench, names = p.bench, [t.name for t in p.bench.tasks]
+  shown = ", ".join(names[:8]) + (f", … ({len(names)} in all)" if len(names) > 8 else "")
+  devs = p.mesh.devices.flat
+  kinds = sorted({d.device_kind for d in devs})
+  hp = config.combiner.hparams.to_dict()
+  epochs = p.num_steps / max(p.loader.batches_per_epoch, 1)
+  o = config.optimizer
+  return [
+      f"benchmark   {bench.name}{' (mock data)' if config.data.get('mock') else ''}: "
+      f"{len(names)} tasks: {shown}",
+      f"combiner    {config.combiner.name}{' ' + json.dumps(hp) if hp else ''}; sharing "
+      f"{config.model.sharing}",
+      f"engine      mode {p.mode} ({_mode_reason(config, p)}), reduction "
+      f"{config.engine.reduction}",
+      f"devices     {p.mesh.devices.size} x {'/'.join(kinds)} ({jax.default_backend()}), "
+      f"{jax.process_count()} process(es)",
+      f"parameters  {num_params:,}",
+      f"steps       {p.num_steps:,} (batch {int(config.train.batch_size)}, {epochs:.3g} epochs; "
+      f"{o.name} lr {float(o.learning_rate):g}, {o.schedule} schedule)",
+      f"workdir     {os.path.abspath(workdir)}",
+      f"resumed     at step {start}" if start else "resumed     no (a fresh run)",
+  ]
+
+
+def _summary(config, p: Program, run: Run, ev: Evaluator, t_start: float,
+             num_params: int, timed_steps: int) -> dict:
+  bench, refs = p.bench, p.bench.reference
+  best = run.best
+  return {
+      "step": int(run.step),
+      "params_checksum": params_checksum(run.state.params),
+      "tasks": [t.name for t in bench.tasks],
       "test": best["test"],
       "validation": best["validation"],
       "selected_step": best["step"],
-      "selection": rule,
-      "delta_m": (evaluation.delta_m(best["test"], refs, direction) if refs else None),
+      "selection": ev.rule,
+      "delta_m": (evaluation.delta_m(best["test"], refs, evaluation.direction(bench.tasks))
+                  if refs else None),
       "num_params": num_params,
-      "steps_per_sec": steps_per_sec,
-      "wall_time_s": t_end - t_start,
-      "skipped_steps": skipped_total,
-      "num_devices": int(ndev),
-      "num_processes": int(pcount),
+      # training steps only: no compilation, evaluation or checkpointing
+      "steps_per_sec": timed_steps / run.train_s if timed_steps > 0 and run.train_s > 0 else None,
+      "wall_time_s": _clock() - t_start,
+      "skipped_steps": run.skipped,
+      "num_devices": int(p.mesh.devices.size),
+      "num_processes": int(jax.process_count()),
       "benchmark": bench.name,
       "combiner": config.combiner.name,
       "combiner_hparams": config.combiner.hparams.to_dict(),
-      "engine_mode": mode,
+      "engine_mode": p.mode,
       "reduction": config.engine.reduction,
       "layer_gramian": config.engine.layer_gramian,
       "sharing": config.model.sharing,
+      "units": dict(bench.info.get("units", {})),
       "config": config.to_dict(),
+      "config_digest": config_utils.config_digest(config),
   }
-  del final_test
-  if main:
+
+
+def _restore_into(run: Run, p: Program, mngr, say) -> None:
+  state, meta = restore_latest(mngr, run.state, say)
+  if state is None:
+    return
+  run.state = state
+  p.loader.position = int(meta["position"])
+  run.best = meta["best"]
+  run.last_eval = int(meta.get("last_eval", -1))
+  run.step = run.log_step = int(_fetch(state.step))
+  run.skipped = int(_fetch(state.combiner_state.skipped))
+  say(f"resumed at step {run.step} from {mngr.directory}")
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[bool] = None,
+        devices=None, built=None, echo: bool = False) -> Optional[dict]:
+  """Train (or resume) the run of ``config`` in ``workdir``; returns the summary (None if stopped
+  by SIGTERM before the end). ``built``: the result of :func:`build` when the caller has it.
+  ``echo``: the start-up block, phase lines and resume/corruption notices also on stdout (the
+  launcher's terminal); they always go to the INFO log."""
+  t_start = _clock()
+  say = _console(echo)
+  say("initialising the model and the optimizer…")
+  p = build_program(config, devices, built)
+  num_params = int(p.model.num_params(jax.device_get(p.state.params)))
+  os.makedirs(workdir, exist_ok=True)
+  mngr = _open_checkpoints(config, workdir)
+  run = Run(p.state, 0, {"score": None, "step": None, "validation": None, "test": None})
+  _restore_into(run, p, mngr, say)
+  start = run.step
+  out = _open_outputs(workdir, mngr, start, say)
+  for line in _startup_block(config, p, workdir, num_params, start):
+    say(line)
+  ev = _make_evaluator(config, p)
+  stop = _Stop()
+  stop.install()
+  try:
+    preempted = _loop(run, p, ev, out, config, stop, progress)
+    if not preempted and run.last_eval != p.num_steps:
+      _evaluate(run, p, ev, out)  # resumed at the end, before its evaluation
+    if not preempted and mngr.latest_step() != p.num_steps:
+      _save(run, p, out)
+  finally:
+    stop.uninstall()
+    mngr.wait_until_finished()
+    mngr.close()
+    out.tb.close()
+  if preempted:
+    return None
+  summary = _summary(config, p, run, ev, t_start, num_params, max(run.step - start - 1, 0))
+  if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(logging_utils._plain(summary), f, indent=2, sort_keys=True)
-    logging.info("done: step %d, checksum %s, test %s, delta_m %s", step,
-                 summary["params_checksum"], json.dumps(logging_utils._plain(best["test"])),
-                 summary["delta_m"])
+  logging.info("done: step %d, checksum %s, test %s, delta_m %s", run.step,
+               summary["params_checksum"], json.dumps(logging_utils._plain(run.best["test"])),
+               summary["delta_m"])
   return summary
-
-
-TIMING_KEYS = ("steps_per_sec", "wall_time_s")

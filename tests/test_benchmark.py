@@ -90,8 +90,23 @@ def test_step_benchmark_rows_schema_nash_scaling_and_checks(tmp_path):
   assert any("gramian-mode peak memory" in n for n in names)
   assert sum("features-mode" in n for n in names) == sum(
       r["mode"] == "features" for r in report["rows"])
+  # Tiny sizes: the bounds set for 32x32, batch 16, K=40 give no verdict; the solve ones (K only) do.
+  assert report["bounds_applied"] is False
   for c in report["checks"]:
-    assert c["ok"] == (c["value"] <= c["bound"])
+    assert c["ok"] == (None if c["sized"] else c["value"] <= c["bound"]), c
+
+
+def test_bounds_get_a_verdict_only_at_the_sizes_they_were_set_for():
+  mod = _launcher()
+  for sizes, applied in ((mod.BOUND_SIZES, True), (dict(mod.BOUND_SIZES, num_tasks=3), False)):
+    checks = []
+    mod._check(checks, "LS / plain", 1.2, 1.1)
+    mod._check(checks, "Nash-MTL solve at K=40 (ms)", 0.5, 2.5, sized=False)
+    assert mod._apply_bounds(checks, argparse.Namespace(**sizes)) is applied
+    lines = [mod._format_check(c) for c in checks]
+    assert lines[0].startswith("  [FAIL]" if applied else "  [--]")
+    assert ("not applied" in lines[0]) is not applied
+    assert lines[1].startswith("  [ok]") and "not applied" not in lines[1]
 
 
 def test_untapped_reference_and_every_tap_are_planned():

@@ -1,6 +1,7 @@
 """Exact resume: a launch/train.py run stopped by SIGTERM, resumed, killed with SIGKILL after a
 later checkpoint and resumed again with the same command ends with the uninterrupted run's
-params_checksum; rerunning a finished run is a no-op.
+params_checksum (the SIGTERM leg exits 143: preempted after saving); rerunning a finished
+run is a no-op.
 
 Every launch/train.py process pays a JAX start, an initialisation and a compilation, so the
 scenarios share processes: one chain (SIGTERM, resume, SIGKILL, resume) on one workdir instead
@@ -79,9 +80,9 @@ def test_sigterm_then_sigkill_resume_exactly_and_a_finished_rerun_is_a_no_op(tmp
   assert reference["step"] == 60
 
   wd = tmp_path / "interrupted"
-  # SIGTERM: the run checkpoints the step it is at and exits cleanly, before the end.
+  # SIGTERM: the run checkpoints the step it is at and exits 143 (preempted, not finished).
   rc, err = _interrupt(wd, signal.SIGTERM, 4)
-  assert rc == 0, err[-2000:]
+  assert rc == 143, err[-2000:]
   stopped = _checkpoints(wd)[-1]
   assert 4 <= stopped < 60 and not (wd / "summary.json").exists()
   assert "SIGTERM" in err

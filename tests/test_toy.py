@@ -57,3 +57,20 @@ def test_launch_toy_short(tmp_path):
   for r in runs:
     assert np.max(np.abs(np.array(r["end"]) - np.array(r["start"]))) <= 0.021
   assert (tmp_path / "toy.png").exists()
+
+
+def test_toy_figure_axes_are_labelled():
+  spec = importlib.util.spec_from_file_location("launch_toy", os.path.join(ROOT, "launch", "toy.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  traj = np.zeros((3, len(toy.STARTS), 2))  # (T, starts, 2): the figure only, no run
+  front, _ = toy.pareto_front_grid(41)
+  fig = mod.figure({"ls": traj, "mgda": traj + 1}, front)
+  try:
+    panels = fig.get_axes()
+    assert [ax.get_title() for ax in panels] == ["ls", "mgda"]
+    for ax in panels:
+      assert ax.get_xlabel().startswith("x1") and ax.get_ylabel() == "x2"
+  finally:
+    import matplotlib.pyplot as plt
+    plt.close(fig)

@@ -42,6 +42,13 @@ from mtl_jax.combiners import _si  # noqa: F401  (registers 'si')
 from mtl_jax.combiners import _stch  # noqa: F401  (registers 'stch')
 from mtl_jax.combiners import _upgrad  # noqa: F401  (registers 'upgrad')
 from mtl_jax.combiners import _uw  # noqa: F401  (registers 'uw')
+from mtl_jax.combiners import _config  # noqa: F401  (registers 'config')
+from mtl_jax.combiners import _go4align  # noqa: F401  (registers 'go4align')
+from mtl_jax.combiners import _krum  # noqa: F401  (registers 'krum')
+from mtl_jax.combiners import _modo  # noqa: F401  (registers 'modo')
+from mtl_jax.combiners import _ntkmtl  # noqa: F401  (registers 'ntkmtl')
+from mtl_jax.combiners import _trimmed_mean  # noqa: F401  (registers 'trimmed_mean')
+from mtl_jax.combiners import _log_losses  # noqa: F401  (registers 'log_mgda', 'log_cagrad', 'log_imtl')
 
 
 def _constructor(name):
@@ -80,6 +87,15 @@ si = _constructor("si")
 stch = _constructor("stch")
 upgrad = _constructor("upgrad")
 uw = _constructor("uw")
+config = _constructor("config")
+go4align = _constructor("go4align")
+krum = _constructor("krum")
+log_cagrad = _constructor("log_cagrad")
+log_imtl = _constructor("log_imtl")
+log_mgda = _constructor("log_mgda")
+modo = _constructor("modo")
+ntkmtl = _constructor("ntkmtl")
+trimmed_mean = _constructor("trimmed_mean")
 
 __all__ = [
     "GRAMIAN",
@@ -119,4 +135,13 @@ __all__ = [
     "stch",
     "upgrad",
     "uw",
+    "config",
+    "go4align",
+    "krum",
+    "log_cagrad",
+    "log_imtl",
+    "log_mgda",
+    "modo",
+    "ntkmtl",
+    "trimmed_mean",
 ]

@@ -7,6 +7,7 @@ this package is imported here so that each registers its strategies.
 from mtl_jax.sharing.base import MultiTaskModel, get, names, options, register
 
 # Each module registers its strategies on import.
+from mtl_jax.sharing import branched  # noqa: F401
 from mtl_jax.sharing import hard  # noqa: F401
 from mtl_jax.sharing import moe  # noqa: F401
 from mtl_jax.sharing import mtan  # noqa: F401
