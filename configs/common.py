@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 0  # 0 = the backbone's default width; smaller for smoke runs
   c.model.sharing = "hard"  # hard | soft | cross_stitch | hierarchical | sparse | mtan | mmoe | ...
   c.model.sharing_options = ml_collections.ConfigDict()  # strategy-specific (e.g. soft: lam)
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, optimizer: float32)
 
   c.combiner = ml_collections.ConfigDict()
   c.combiner.name = "ls"

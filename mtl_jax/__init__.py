@@ -9,6 +9,7 @@ The public surface, each imported on first use (``import mtl_jax`` itself import
 * :mod:`mtl_jax.autodiff`: the engine (task losses -> Jacobian / Gramian / feature Gramian -> update);
 * :mod:`mtl_jax.sharing`: sharing strategies over a backbone and task heads;
 * :mod:`mtl_jax.models`: backbones and heads;
+* :mod:`mtl_jax.layers`: the dense layer and convolution the engine can tap, mixed-precision casts;
 * :mod:`mtl_jax.data`: the benchmarks;
 * :mod:`mtl_jax.train`: the SPMD train step, evaluation and the fit loop;
 * :mod:`mtl_jax.analysis`: Δm%, transfer, overfitting, conflict, affinity, tables and plots.
@@ -18,7 +19,7 @@ import importlib
 
 __version__ = "0.3.0"
 
-__all__ = ["analysis", "autodiff", "combiners", "data", "models", "sharing", "train"]
+__all__ = ["analysis", "autodiff", "combiners", "data", "layers", "models", "sharing", "train"]
 
 
 def __getattr__(name):

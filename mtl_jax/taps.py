@@ -17,34 +17,33 @@ layers at batch 16.
 
 How the engine uses it (:func:`mtl_jax.autodiff.combine`, ``jacobian`` mode, weightings,
 ``layer_gramian='auto'``, the default; ``'all'`` taps every eligible layer whatever the cost,
-``'off'`` none): :func:`plan` traces the loss function once with a recorder active; the
-layers that call :func:`conv_site` (:func:`mtl_jax.models.conv.conv_general_dilated`) or use
-:func:`dot_general` (``nn.Dense(dot_general=taps.dot_general)``, :data:`Dense`) report which
-parameter leaf they use. A shared leaf used by exactly one such call and nowhere else in the
-traced loss (checked on its jaxpr) is *tapped* when the cost model above says it is cheaper: the
-engine then adds a zero input to that layer's output, takes the per-task cotangents there from the
-same vmapped VJP that gives the other leaves' rows, and never forms the tapped leaves' rows (XLA
-drops their unused per-task kernel gradients). Anything else -- a leaf read twice, a layer inside
-a nested ``jit``/``scan``/``remat`` (its kernel is then not the parameter itself), a mixed-precision
-cast -- keeps the ordinary rows: the result is the same Gramian either way, to rounding.
+``'off'`` none): :func:`plan` traces the loss function once inside
+``mtl_jax.layers.tracing(recorder=...)``; the layers of :mod:`mtl_jax.layers` (``Dense``, ``Conv``)
+report which parameter leaf they use (a parameter cast by :func:`mtl_jax.layers.cast_floating`
+counts as its source, so the taps work under bfloat16 compute). A shared leaf used by exactly one
+such call and nowhere else in the traced loss (checked on its jaxpr) is *tapped* when the cost
+model above says it is cheaper: the engine then adds a zero input to that layer's output, takes
+the per-task cotangents there from the same vmapped VJP that gives the other leaves' rows, and
+never forms the tapped leaves' rows (XLA drops their unused per-task kernel gradients). Anything
+else -- a leaf read twice, a layer inside a nested ``jit``/``scan``/``remat`` (its kernel is then
+not the parameter itself), a cast other than ``cast_floating``'s -- keeps the ordinary rows: the
+result is the same Gramian either way, to rounding. Whatever the compute dtype, a site's Gramian
+share is computed in float32 from its inputs and cotangents.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
 import itertools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mtl_jax import layers
+
 LAYER_GRAMIAN = ("auto", "all", "off")
-_ACTIVE = contextvars.ContextVar("mtl_jax_taps", default=None)
 # A tapped layer's N x N matrix P P^T is held whole: above this many entries the rows are kept.
 MAX_ROWS_SQUARED = 1 << 26
 
@@ -63,22 +62,31 @@ class Site(NamedTuple):
 
 
 class _Recorder:
-  """Active while a loss function is traced: records every call of a tappable layer (``leaf`` is
-  None where its kernel is not a parameter leaf itself); with ``taps`` ({call index: (Site, tap)}),
-  adds the tap to those calls' outputs and keeps their inputs."""
+  """Active while a loss function is traced (``layers.tracing(recorder=...)``): records every
+  call of a tappable layer (``leaf`` is None where its kernel is not a parameter leaf itself, or
+  an alias of one); with ``taps`` ({call index: (Site, tap)}), adds the tap to those calls'
+  outputs and keeps their inputs."""
 
   def __init__(self, leaves: Sequence[Any], taps: Optional[dict] = None):
-    self._leaf_of = {id(leaf): i for i, leaf in enumerate(leaves)}
-    self._leaves = list(leaves)
+    # id -> (leaf index, the object): the object is kept so that an id is never reused
+    self._leaf_of = {id(leaf): (i, leaf) for i, leaf in enumerate(leaves)}
     self.sites: list[Site] = []
     self.taps = taps
     self.inputs: dict[int, tuple] = {}  # tapped index -> (x, w, op)
 
+  def _leaf(self, w) -> Optional[int]:
+    found = self._leaf_of.get(id(w))
+    return found[0] if found is not None and found[1] is w else None
+
+  def alias(self, cast, source):
+    """``cast`` (a dtype cast of ``source``) stands for ``source``'s leaf."""
+    leaf = self._leaf(source)
+    if leaf is not None:
+      self._leaf_of[id(cast)] = (leaf, cast)
+
   def visit(self, kind, conv, op, x, w):
     y = op(x, w)
-    leaf = self._leaf_of.get(id(w))
-    if leaf is not None and self._leaves[leaf] is not w:
-      leaf = None
+    leaf = self._leaf(w)
     index = len(self.sites)
     site = Site(index, leaf, kind, conv, tuple(x.shape), tuple(y.shape), tuple(w.shape),
                 jnp.dtype(y.dtype))
@@ -93,47 +101,6 @@ class _Recorder:
       self.inputs[index] = (x, w, op)
       y = y + tap.astype(y.dtype)
     return y
-
-
-@contextlib.contextmanager
-def _recording(recorder: _Recorder):
-  token = _ACTIVE.set(recorder)
-  try:
-    yield recorder
-  finally:
-    _ACTIVE.reset(token)
-
-
-def conv_site(op: Callable, x, w, kernel_hw, strides, pads, dilation):
-  """``op(x, w)``, a 2-D ``NHWC x HWIO`` convolution with explicit ``pads``, reported to an active
-  recorder (the hook of :func:`mtl_jax.models.conv.conv_general_dilated`)."""
-  recorder = _ACTIVE.get()
-  if recorder is None:
-    return op(x, w)
-  meta = (tuple(kernel_hw), tuple(strides), tuple(tuple(p) for p in pads), tuple(dilation))
-  return recorder.visit("conv", meta, op, x, w)
-
-
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
-  """``lax.dot_general``; a dense layer's ``x W`` (last axis of ``x`` against a 2-D kernel's first)
-  is reported to an active recorder. Pass it as ``nn.Dense(dot_general=...)`` (:data:`Dense`)."""
-  op = functools.partial(_dot, dimension_numbers=dimension_numbers, precision=precision,
-                         preferred_element_type=preferred_element_type, **kw)
-  recorder = _ACTIVE.get()
-  (lc, rc), (lb, rb) = dimension_numbers
-  dense = (rhs.ndim == 2 and lhs.ndim >= 1 and tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,)
-           and not lb and not rb)
-  if recorder is None or not dense:
-    return op(lhs, rhs)
-  return recorder.visit("dense", (), op, lhs, rhs)
-
-
-def _dot(lhs, rhs, **kw):
-  return lax.dot_general(lhs, rhs, **kw)
-
-
-# flax's dense layer reporting to the recorder: same parameters and names as ``nn.Dense``.
-Dense = functools.partial(nn.Dense, dot_general=dot_general)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +149,8 @@ def plan(loss_fn, params, args, mask, k: int, devices: int = 1,
   found = []
 
   def probe(p_leaves, *a):
-    with _recording(_Recorder(p_leaves)) as recorder:
+    recorder = _Recorder(p_leaves)
+    with layers.tracing(recorder=recorder):
       out = loss_fn(jax.tree.unflatten(treedef, p_leaves), *a)
     found.append(list(recorder.sites))
     return out
@@ -214,7 +182,7 @@ def tapped(loss_fn, the_plan: Plan):
   def f(params, tap_values, *args):
     recorder = _Recorder(jax.tree.leaves(params),
                          {s.index: (s, t) for s, t in zip(sites, tap_values)})
-    with _recording(recorder):
+    with layers.tracing(recorder=recorder):
       losses, aux = loss_fn(params, *args)
     if len(recorder.inputs) != len(sites):
       raise RuntimeError("layer taps: the loss function traced differently the second time "

@@ -64,6 +64,7 @@ from mtl_jax import autodiff
 from mtl_jax import combiners
 from mtl_jax import config_utils
 from mtl_jax import evaluation
+from mtl_jax import layers
 from mtl_jax import logging_utils
 from mtl_jax.models.base import sync_batch_norm
 
@@ -96,7 +97,9 @@ def build_model(config, bench):
   """The sharing strategy ``config.model.sharing`` over the backbone and the benchmark's tasks.
 
   Returns a :class:`mtl_jax.sharing.MultiTaskModel`. ``config.model.backbone`` (with
-  ``config.model.width`` when non-zero) replaces the benchmark's default backbone.
+  ``config.model.width`` when non-zero) replaces the benchmark's default backbone;
+  ``config.model.dtype`` (``float32`` | ``bfloat16``) is the compute dtype (parameters and optimizer
+  stay float32).
   """
   from mtl_jax import sharing  # pylint: disable=g-import-not-at-top
   backbone = bench.backbone
@@ -104,8 +107,12 @@ def build_model(config, bench):
     from mtl_jax import models  # pylint: disable=g-import-not-at-top
     opts = {"width": int(config.model.width)} if config.model.width else {}
     backbone = models.get(config.model.backbone, **opts)
-  return sharing.get(config.model.sharing, backbone, list(bench.tasks),
-                     **config.model.sharing_options.to_dict())
+  model = sharing.get(config.model.sharing, backbone, list(bench.tasks),
+                      **config.model.sharing_options.to_dict())
+  dtype = config.model.get("dtype", "float32")
+  if dtype not in layers.DTYPES:
+    raise config_utils.one_of("model dtype", dtype, layers.DTYPES)
+  return dataclasses.replace(model, compute_dtype=dtype)
 
 
 def _variables(params, batch_stats, constants):
@@ -282,9 +289,9 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
     updates = jax.tree.map(lambda u: u * state.plateau.scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     ok = out.finite
-    params = combiners.base.keep_if(ok, params, state.params)
-    opt_state = combiners.base.keep_if(ok, opt_state, state.opt_state)
-    new_bs = combiners.base.keep_if(ok, new_bs, state.batch_stats)
+    params = optax.tree.where(ok, params, state.params)
+    opt_state = optax.tree.where(ok, opt_state, state.opt_state)
+    new_bs = optax.tree.where(ok, new_bs, state.batch_stats)
     metrics.update(losses=out.losses, weights=out.weights, finite=ok,
                    grad_norm=optax.tree.norm(grad),
                    update_norm=jnp.where(ok, optax.tree.norm(updates), 0.0),

@@ -1,4 +1,4 @@
-"""The canonical-layout convolution (mtl_jax.models.conv) against jax.lax.conv_general_dilated."""
+"""The canonical-layout convolution (mtl_jax.layers) against jax.lax.conv_general_dilated."""
 
 import flax.linen as nn
 import jax
@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from jax import lax
 
 from mtl_jax import autodiff, combiners, models, sharing, tasks as T, train
-from mtl_jax.models import conv
+from mtl_jax import layers
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -56,7 +56,7 @@ def test_forward_and_vjp_match_lax(case):
   # one program per example (op by op, each primitive compiled alone)
   want, got = jax.jit(lambda x, w, g: (
       _pair(lambda a, b: lax.conv_general_dilated(a, b, **kwargs), x, w, g),
-      _pair(lambda a, b: conv.conv_general_dilated(a, b, **kwargs), x, w, g)))(x, w, g)
+      _pair(lambda a, b: layers.conv_general_dilated(a, b, **kwargs), x, w, g)))(x, w, g)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -67,11 +67,11 @@ def test_other_layouts_and_groups_fall_back_to_lax():
   w = jnp.asarray(r.normal(size=(6, 2, 3, 3)), jnp.float32)  # OIHW, 2 groups
   kwargs = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"),
                 feature_group_count=2)
-  f = lambda a, b: conv.conv_general_dilated(a, b, **kwargs)
+  f = lambda a, b: layers.conv_general_dilated(a, b, **kwargs)
   assert "custom_vjp" not in str(jax.make_jaxpr(f)(x, w))
   np.testing.assert_allclose(f(x, w), lax.conv_general_dilated(x, w, **kwargs), rtol=1e-5)
   nhwc = jnp.transpose(x, (0, 2, 3, 1))
-  assert "custom_vjp" in str(jax.make_jaxpr(lambda a, b: conv.conv_general_dilated(
+  assert "custom_vjp" in str(jax.make_jaxpr(lambda a, b: layers.conv_general_dilated(
       a, b, (1, 1), "SAME", dimension_numbers=DN))(nhwc[..., :2], jnp.transpose(w, (2, 3, 1, 0))))
 
 
@@ -79,10 +79,10 @@ def test_forward_mode_context_allows_jvp_and_vmapped_vjp_matches():
   r = np.random.default_rng(1)
   x = jnp.asarray(r.normal(size=(2, 5, 5, 3)), jnp.float32)
   w = jnp.asarray(r.normal(size=(3, 3, 3, 4)), jnp.float32)
-  f = lambda a, b: conv.conv_general_dilated(a, b, (2, 2), "SAME", dimension_numbers=DN)
+  f = lambda a, b: layers.conv_general_dilated(a, b, (2, 2), "SAME", dimension_numbers=DN)
   with pytest.raises(TypeError, match="forward-mode"):
     jax.jvp(f, (x, w), (x, w))
-  with conv.forward_mode():
+  with layers.tracing(forward_mode=True):
     _, tangent = jax.jvp(f, (x, w), (x, w))
   ref = lambda a, b: lax.conv_general_dilated(a, b, (2, 2), "SAME", dimension_numbers=DN)
   np.testing.assert_allclose(tangent, jax.jvp(ref, (x, w), (x, w))[1], rtol=1e-4, atol=1e-4)
@@ -100,10 +100,10 @@ def test_flax_conv_keeps_parameter_names_and_values():
   x = jnp.ones((1, 6, 6, 3))
   mk = lambda cls: cls(4, (3, 3), strides=2, padding=1)
   a = mk(nn.Conv).init(jax.random.key(0), x)
-  b = mk(conv.Conv).init(jax.random.key(0), x)
+  b = mk(layers.Conv).init(jax.random.key(0), x)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   np.testing.assert_array_equal(a["params"]["kernel"], b["params"]["kernel"])
-  np.testing.assert_allclose(mk(conv.Conv).apply(b, x), mk(nn.Conv).apply(a, x), rtol=1e-5)
+  np.testing.assert_allclose(mk(layers.Conv).apply(b, x), mk(nn.Conv).apply(a, x), rtol=1e-5)
 
 
 def test_gramian_mode_on_a_cnn_equals_jacobian_mode():

@@ -39,9 +39,9 @@ def _loss(p, x):
 
 
 def _loss_tapped(p, x):
-  """``_loss`` with the trunk as a tappable dense layer (mtl_jax.taps)."""
-  from mtl_jax import taps
-  z = jnp.tanh(taps.dot_general(x, p["trunk"]["w"], (((1,), (0,)), ((), ()))))
+  """``_loss`` with the trunk as a tappable dense layer (mtl_jax.layers, mtl_jax.taps)."""
+  from mtl_jax import layers
+  z = jnp.tanh(layers.dot_general(x, p["trunk"]["w"], (((1,), (0,)), ((), ()))))
   return _decode(p, z, x)
 
 

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import example, given, settings, strategies as st
 
-from mtl_jax.models import conv, pool
+from mtl_jax import layers
+from mtl_jax.models import pool
 
 
 @st.composite
@@ -65,15 +66,15 @@ def test_the_backward_pass_has_no_scatter_and_other_pools_fall_back_to_flax():
 
 
 def test_forward_mode_matches_flax_inside_and_outside_conv_forward_mode():
-  """The engine's gramian mode linearises under conv.forward_mode(); the pool's custom_jvp serves
-  forward and reverse mode alike, with ties."""
+  """The engine's gramian mode linearises under ``layers.tracing(forward_mode=True)``; the pool's
+  custom_jvp serves forward and reverse mode alike, with ties."""
   x = jnp.floor(3 * jax.random.uniform(jax.random.key(1), (2, 4, 6, 3)))
   t = jax.random.normal(jax.random.key(2), x.shape)
   f = lambda x: pool.max_pool(x, (2, 2), strides=(2, 2))
   y_ref, dy_ref = jax.jvp(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)), (x,), (t,))
   for forward in (False, True):
     if forward:
-      with conv.forward_mode():
+      with layers.tracing(forward_mode=True):
         y, dy = jax.jvp(f, (x,), (t,))
     else:
       y, dy = jax.jvp(f, (x,), (t,))

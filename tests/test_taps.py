@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from mtl_jax import autodiff, combiners, taps
-from mtl_jax.models import conv
+from mtl_jax import autodiff, combiners, layers, taps
 
 
 def _direct(op, x, w, g):
@@ -43,10 +42,10 @@ def test_conv_site_gramian_and_update_match_the_task_gradients(kh, kw, stride, d
       return op(xx, ww)
 
   def conv_of(xx, ww):
-    return conv.conv_general_dilated(xx, ww, (stride, stride), pad, rhs_dilation=(dil, dil),
+    return layers.conv_general_dilated(xx, ww, (stride, stride), pad, rhs_dilation=(dil, dil),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  with taps._recording(Rec([w])):
+  with layers.tracing(recorder=Rec([w])):
     y = conv_of(x, w)
   ((meta, op),) = seen
   g = jnp.asarray(rs.randn(k, *y.shape), jnp.float32)
@@ -71,7 +70,7 @@ def test_dense_site_gramian_matches_the_task_gradients(lead, k, seed):
   rs = np.random.RandomState(seed)
   x = jnp.asarray(rs.randn(*lead, 5), jnp.float32)
   w = jnp.asarray(rs.randn(5, 3), jnp.float32)
-  op = functools.partial(taps._dot, dimension_numbers=(((x.ndim - 1,), (0,)), ((), ())))
+  op = functools.partial(layers._dot, dimension_numbers=(((x.ndim - 1,), (0,)), ((), ())))
   y = op(x, w)
   g = jnp.asarray(rs.randn(k, *y.shape), jnp.float32)
   want, _ = _direct(op, x, w, g)
@@ -87,8 +86,8 @@ class _Net(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = nn.relu(conv.Conv(6, (3, 3), padding="SAME")(x)).mean((1, 2))
-    dense = taps.Dense(6)
+    h = nn.relu(layers.Conv(6, (3, 3), padding="SAME")(x)).mean((1, 2))
+    dense = layers.Dense(6)
     h = jnp.tanh(dense(h))
     if self.reuse:
       h = jnp.tanh(dense(h))
@@ -184,3 +183,55 @@ def test_engine_taps_degenerate_inputs():
       np.testing.assert_allclose(u, v, atol=1e-7)
   with pytest.raises(ValueError, match="auto, all, off"):
     autodiff.combine(m, state, loss_fn, params, x, y, mode="jacobian", layer_gramian="on")
+
+
+# an aggregator (the K-leading Jacobian path): the plain sum of the shared rows
+_SUM_OF_ROWS = combiners.base.Method(
+    "agg", 3, combiners.JACOBIAN, init=lambda p: combiners.base.EmptyState(),
+    aggregate=lambda j, l, s: (jax.tree.map(lambda r: None if r is None else r.sum(0), j,
+                                            is_leaf=lambda r: r is None), jnp.ones(3), s))
+
+
+@pytest.fixture(scope="module")
+def grouped_steps():
+  """One jitted program: the jacobian mode with per-group Gramians, tapped, held and aggregated."""
+  loss_fn, params, args, mask = _problem()
+  groups = {"conv": "Conv_0", "dense": "Dense_0"}
+
+  def all_steps():
+    outs = {}
+    for name, lg in (("nash_mtl", "all"), ("nash_mtl", "off"), ("agg", "auto")):
+      m = _SUM_OF_ROWS if name == "agg" else combiners.method(name, 3)
+      state = m.transform(mask).init(params)
+      outs[name, lg] = autodiff.combine(m, state, loss_fn, params, *args, mode="jacobian",
+                                        shared_mask=mask, layer_gramian=lg, gramian_groups=groups)
+    return outs
+
+  return jax.jit(all_steps)(), (loss_fn, params, args, mask)
+
+
+def test_group_gramians_sum_to_the_gramian_and_match_jacrev(grouped_steps):
+  outs, (loss_fn, params, args, mask) = grouped_steps
+  for (name, lg), out in outs.items():
+    assert set(out.group_gramians) == {"conv", "dense"}
+    total = out.group_gramians["conv"] + out.group_gramians["dense"]
+    np.testing.assert_allclose(total, out.gramian, rtol=1e-5, atol=1e-6, err_msg=str((name, lg)))
+    for group, top in (("conv", "Conv_0"), ("dense", "Dense_0")):
+      sub = params[top]
+      jac = jax.jacrev(lambda q: loss_fn({**params, top: q}, *args)[0])(sub)
+      rows = np.concatenate([np.asarray(j).reshape(3, -1) for j in jax.tree.leaves(jac)], 1)
+      np.testing.assert_allclose(out.group_gramians[group], rows @ rows.T, rtol=1e-4,
+                                 atol=1e-5 * np.abs(rows @ rows.T).max(), err_msg=str((name, lg)))
+
+
+def test_group_gramian_errors_are_one_line():
+  loss_fn, params, args, mask = _problem()
+  m = combiners.method("nash_mtl", 3)
+  state = m.transform(mask).init(params)
+  run = lambda **kw: autodiff.combine(m, state, loss_fn, params, *args, shared_mask=mask, **kw)
+  with pytest.raises(ValueError, match="needs engine mode 'jacobian'"):
+    run(mode="gramian", gramian_groups={"a": "Conv_0"})
+  with pytest.raises(ValueError, match="matches no shared parameter"):
+    run(mode="jacobian", gramian_groups={"a": "heads"})  # the heads are task-specific
+  with pytest.raises(ValueError, match="both hold"):
+    run(mode="jacobian", gramian_groups={"a": "Conv_0", "b": "Conv_0/kernel"})

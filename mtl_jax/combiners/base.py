@@ -208,11 +208,6 @@ def all_finite(*trees) -> jax.Array:
   return jnp.dot(flags, jnp.ones_like(flags)) == flags.shape[0]
 
 
-def keep_if(ok, new, old):
-  """``new`` where ``ok`` else ``old``, leaf by leaf (state of a skipped step)."""
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-
 # ---------------------------------------------------------------------------------------------
 # The optax transformation.
 
@@ -226,6 +221,42 @@ class CombinerTransformation(optax.GradientTransformationExtraArgs):
   """An optax transformation that also carries its :class:`Method` as ``.method``."""
 
   method: Method  # set on the instance (optax's NamedTuple has no room for it)
+
+
+def guarded_weights(method: Method, gram: Optional[jax.Array], losses: jax.Array, state):
+  """``method.weigh`` with the finiteness check: ``(weights, new_state, ok)``; ``weights`` are
+  float32 and zero where ``ok`` is False (a loss, the Gramian or a weight not finite)."""
+  ok = all_finite(losses) if gram is None else all_finite(losses, gram)
+  weights, new_state = method.weigh(gram, losses, state)
+  ok = ok & all_finite(weights)
+  return jnp.where(ok, weights, 0.0).astype(jnp.float32), new_state, ok
+
+
+def aggregated(method: Method, jac: PyTree, losses: jax.Array, state, mask: PyTree):
+  """An aggregator on a K-leading Jacobian: ``(update, specific_weights, new_state, ok)``; the
+  shared leaves get the method's update, the others ``sum_k v_k g_k`` with its specific weights."""
+  shared_jac = jax.tree.map(lambda j, m: j if m else None, jac, mask)
+  ok = all_finite(losses, shared_jac)
+  shared_upd, specific, new_state = method.aggregate(shared_jac, losses, state)
+  ok = ok & all_finite(shared_upd, specific)
+  update = jax.tree.map(lambda j, m, u: u if m else weighted_sum(specific, j), jac, mask,
+                        fill_none(shared_upd, mask))
+  return update, jnp.where(ok, specific, 0.0), new_state, ok
+
+
+def skip_nonfinite(ok: jax.Array, update: PyTree, new_state, state: CombinerState):
+  """The skip guard, for the transform and the engine alike: ``(update, CombinerState, ok)``.
+
+  A gradient can be non-finite where the losses and the Gramian are finite (an overflow in a
+  backward pass; loss-only methods build no Gramian; ``specific='sum'`` leaves do not go through
+  the weights), and a VJP with zero weights still carries NaN from a non-finite forward pass: the
+  update is checked too, then zeroed explicitly, the method's state kept and the step counted.
+  """
+  ok = ok & all_finite(update)
+  update = optax.tree.where(ok, update, optax.tree.zeros_like(update))
+  new_state = optax.tree.where(ok, new_state, state.method)
+  skipped = state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32)
+  return update, CombinerState(new_state, skipped), ok
 
 
 def as_optax(method: Method, shared_mask=None) -> CombinerTransformation:
@@ -257,27 +288,12 @@ def as_optax(method: Method, shared_mask=None) -> CombinerTransformation:
     mask = resolve_mask(shared_mask, task_grads)
     if method.is_weighting:
       gram = gramian_of(task_grads, mask) if method.needs == GRAMIAN else None
-      ok = all_finite(losses, gram) if gram is not None else all_finite(losses)
-      weights, new_state = method.weigh(gram, losses, state.method)
-      ok = ok & all_finite(weights)
-      weights = jnp.where(ok, weights, 0.0)
+      weights, new_state, ok = guarded_weights(method, gram, losses, state.method)
       updates = combine_jacobian(method, weights, task_grads, mask)
-      # A non-finite gradient that the checks above do not see (loss-only methods build no
-      # Gramian) shows in the update; specific='sum' leaves do not go through the weights.
-      ok = ok & all_finite(updates)
-      updates = jax.tree.map(lambda u: jnp.where(ok, u, 0.0), updates)
     else:
-      shared_jac = jax.tree.map(lambda j, m: j if m else None, task_grads, mask)
-      ok = all_finite(losses, shared_jac)
-      shared_upd, specific, new_state = method.aggregate(shared_jac, losses, state.method)
-      ok = ok & all_finite(shared_upd, specific)
-      updates = jax.tree.map(
-          lambda j, m, u: (u if m else weighted_sum(specific, j)),
-          task_grads, mask, _fill_none(shared_upd, mask))
-      updates = jax.tree.map(lambda u: jnp.where(ok, u, 0.0), updates)
-    new_state = keep_if(ok, new_state, state.method)
-    skipped = state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32)
-    return updates, CombinerState(new_state, skipped)
+      updates, _, new_state, ok = aggregated(method, task_grads, losses, state.method, mask)
+    updates, new, _ = skip_nonfinite(ok, updates, new_state, state)
+    return updates, new
 
   tx = CombinerTransformation(init, update)
   tx.method = method
@@ -293,7 +309,7 @@ def init_method_state(method: Method, params, shared_mask=None):
   return method.init(params)
 
 
-def _fill_none(tree, mask):
+def fill_none(tree, mask):
   """Replace the ``None`` leaves of a shared-only tree by 0 so it zips with the full tree."""
   return jax.tree.map(lambda u, m: u if m else 0.0, tree, mask, is_leaf=lambda x: x is None)
 

@@ -30,6 +30,13 @@ class Backbone:
 # ---------------------------------------------------------------------------------------------
 # Batch norm, synchronised across devices inside the trainer's SPMD step.
 
+# Why a ContextVar: the device axis exists only while the trainer traces its per-device step
+# inside ``jax.shard_map``; the same model is also initialised, evaluated and traced by the engine
+# outside it, where naming an unbound axis is an error. The models are built once, from stage
+# factories several levels below the sharing strategies, before any step is traced, so an
+# attribute would have to be threaded through every backbone and strategy and the model built
+# twice. The axis is a property of the trace, not of the model: one dynamic scope, entered by the
+# trainer only (like ``mtl_jax.layers.tracing`` for the engine).
 _BN_AXIS: contextvars.ContextVar = contextvars.ContextVar("mtl_jax_batch_norm_axis", default=None)
 
 

@@ -26,10 +26,10 @@ from mtl_jax.models.base import batch_norm as base_batch_norm
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax import taps
+from mtl_jax import layers
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
-from mtl_jax.models.conv import Conv
+from mtl_jax.layers import Conv
 from mtl_jax.models.pool import max_pool
 
 _BN = dict(momentum=0.9, epsilon=1e-5)
@@ -62,7 +62,7 @@ class DenseBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     for f in self.features:
-      x = taps.Dense(f)(x)
+      x = layers.Dense(f)(x)
       x = base_batch_norm(train, **_BN)(x)
       x = nn.relu(x)
     return x

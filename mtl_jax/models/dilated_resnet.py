@@ -36,7 +36,8 @@ import numpy as np
 
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
-from mtl_jax.models.conv import Conv
+from mtl_jax import layers
+from mtl_jax.layers import Conv
 
 
 def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
@@ -74,7 +75,7 @@ class DilatedStage(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     if self.stem:
-      x = jnp.asarray(x, jnp.float32)
+      x = layers.as_float(x)
       if x.ndim != 4:
         raise ValueError(f"dilated_resnet expects images [B, H, W, C], got shape {x.shape}")
       x = Conv(self.planes, (7, 7), strides=2, padding=3, use_bias=False, name="stem")(x)

@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax import taps
+from mtl_jax import layers
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
-from mtl_jax.models.conv import Conv
+from mtl_jax.layers import Conv
 from mtl_jax.models.pool import max_pool
 
 
@@ -54,7 +54,7 @@ class LeNetConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = jnp.asarray(x, jnp.float32)
+    x = layers.as_float(x)
     if x.ndim == 3:
       x = x[..., None]
     if x.ndim != 4:
@@ -74,7 +74,7 @@ class LeNetDense(nn.Module):
   def __call__(self, x, train: bool):
     del train
     x = x.reshape(x.shape[0], -1)
-    return nn.relu(taps.Dense(self.hidden, name="fc")(x))
+    return nn.relu(layers.Dense(self.hidden, name="fc")(x))
 
 
 class LeNetHead(nn.Module):
@@ -85,10 +85,10 @@ class LeNetHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.relu(taps.Dense(self.hidden, name="fc1")(x))
+    x = nn.relu(layers.Dense(self.hidden, name="fc1")(x))
     if train and self.dropout > 0.0 and self.has_rng("dropout"):
       x = nn.Dropout(self.dropout, deterministic=False)(x)
-    return taps.Dense(self.num_classes, name="fc2")(x)
+    return layers.Dense(self.num_classes, name="fc2")(x)
 
 
 def lenet_head(num_classes: int = 10, hidden: int = 50, dropout: float = 0.5) -> LeNetHead:

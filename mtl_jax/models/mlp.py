@@ -7,7 +7,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from mtl_jax import taps
+from mtl_jax import layers
 from mtl_jax.models.base import batch_norm as base_batch_norm
 import numpy as np
 
@@ -30,7 +30,7 @@ class DenseStage(nn.Module):
       raise ValueError(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
     if x.ndim > 2:
       x = x.reshape(x.shape[0], -1)
-    x = taps.Dense(self.features, use_bias=not self.batch_norm)(x)
+    x = layers.Dense(self.features, use_bias=not self.batch_norm)(x)
     if self.batch_norm:
       x = base_batch_norm(train, momentum=0.9)(x)
     return ACTIVATIONS[self.activation](x)

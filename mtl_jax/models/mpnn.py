@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax import taps
+from mtl_jax import layers
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
 
@@ -149,14 +149,14 @@ class NNConv(nn.Module):
 
   def setup(self):
     d = self.in_features or self.features
-    self.edge_fc1 = taps.Dense(self.edge_hidden)
-    self.edge_fc2 = taps.Dense(d * self.features)
-    self.root = taps.Dense(self.features)
+    self.edge_fc1 = layers.Dense(self.edge_hidden)
+    self.edge_fc2 = layers.Dense(d * self.features)
+    self.root = layers.Dense(self.features)
 
   def edge_weights(self, edges):
     """``Theta(e)`` for every edge: ``[E, F_edge] -> [E, d, features]``."""
     d = self.in_features or self.features
-    hidden = nn.relu(self.edge_fc1(jnp.asarray(edges, jnp.float32)))
+    hidden = nn.relu(self.edge_fc1(layers.as_float(edges)))
     return self.edge_fc2(hidden).reshape(-1, d, self.features)
 
   def __call__(self, x, g, theta=None):
@@ -184,8 +184,9 @@ class MPNNEncoder(nn.Module):
   def __call__(self, g, train: bool):
     del train
     _check_graph(g)
-    nmask = g["node_mask"].astype(jnp.float32)[:, None]
-    x = nn.relu(taps.Dense(self.width, name="embed")(jnp.asarray(g["nodes"], jnp.float32))) * nmask
+    nodes = layers.as_float(g["nodes"])
+    nmask = g["node_mask"].astype(nodes.dtype)[:, None]
+    x = nn.relu(layers.Dense(self.width, name="embed")(nodes)) * nmask
     conv = NNConv(self.width, self.edge_hidden, name="conv")
     gru = nn.GRUCell(self.width, name="gru")
     theta = conv.edge_weights(g["edges"])  # once for all passes (the passes share the weights)
@@ -248,7 +249,7 @@ class MPNNReadout(nn.Module):
     num_graphs = g["graph_mask"].shape[0]
     out = Set2Set(self.processing_steps, name="set2set")(
         g["nodes"], g["node_graph"], g["node_mask"], num_graphs)
-    out = nn.relu(taps.Dense(self.width, name="fc")(out))
+    out = nn.relu(layers.Dense(self.width, name="fc")(out))
     return out * g["graph_mask"].astype(out.dtype)[:, None]
 
 

@@ -27,7 +27,8 @@ import numpy as np
 
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
-from mtl_jax.models.conv import Conv
+from mtl_jax import layers
+from mtl_jax.layers import Conv
 
 
 def batch_norm(train: bool, name: str | None = None, scale_init=nn.initializers.ones) -> nn.BatchNorm:
@@ -63,7 +64,7 @@ class ResNetStage(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     if self.stem:
-      x = jnp.asarray(x, jnp.float32)
+      x = layers.as_float(x)
       if x.ndim != 4:
         raise ValueError(f"resnet18 expects images [B, H, W, C], got shape {x.shape}")
       x = Conv(self.features, (3, 3), padding=1, use_bias=False, name="stem")(x)

@@ -42,7 +42,8 @@ import numpy as np
 
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
-from mtl_jax.models.conv import Conv
+from mtl_jax import layers
+from mtl_jax.layers import Conv
 
 _ENC_CONVS = (2, 2, 3, 3, 3)
 _DEC_CONVS = (3, 3, 3, 2, 2)
@@ -90,7 +91,7 @@ class SegNetEncoderLevel(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     if self.first:
-      x = jnp.asarray(x, jnp.float32)
+      x = layers.as_float(x)
       if x.ndim != 4:
         raise ValueError(f"segnet expects images [B, H, W, C], got shape {x.shape}")
       state = SegNetState(x, ())

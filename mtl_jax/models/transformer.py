@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax import taps
+from mtl_jax import layers
 from mtl_jax.models.base import Backbone
 from mtl_jax.models.registry import register
 
@@ -71,8 +71,8 @@ class EncoderBlock(nn.Module):
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="attn")(y, y, mask=attn_mask)
     x = x + _maybe_dropout(self, y, self.dropout, train)
     y = nn.LayerNorm(epsilon=1e-6, name="ln_mlp")(x)
-    y = taps.Dense(self.mlp_dim, name="mlp_in")(y)
-    y = taps.Dense(x.shape[-1], name="mlp_out")(nn.gelu(y))
+    y = layers.Dense(self.mlp_dim, name="mlp_in")(y)
+    y = layers.Dense(x.shape[-1], name="mlp_out")(nn.gelu(y))
     return x + _maybe_dropout(self, y, self.dropout, train)
 
 

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from mtl_jax import layers
 from mtl_jax._choices import unknown as _unknown
 
 PyTree = Any
@@ -69,6 +70,9 @@ class MultiTaskModel:
   extra_init: Optional[Callable[[PyTree], PyTree]] = None
   info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   sample_input: Optional[Callable[[], Any]] = None  # the backbone's (batch of 2)
+  # Mixed precision ('float32' | 'bfloat16'): parameters and batch statistics stay float32; every
+  # apply casts the parameters and floating inputs to this dtype and the outputs back to float32.
+  compute_dtype: str = "float32"
 
   @property
   def num_tasks(self) -> int:
@@ -126,10 +130,18 @@ class MultiTaskModel:
   def _apply(self, variables, x, train, part, rngs):
     mutable = [c for c in STATE_COLLECTIONS if c in variables] if train else []
     kw = {"rngs": rngs} if rngs else {}
+    dtype = layers.compute_dtype(self.compute_dtype)
+    if dtype != jnp.float32:  # the taps see through this cast (mtl_jax.layers.cast_floating)
+      variables = {**variables, "params": layers.cast_floating(variables["params"], dtype)}
+      x = layers.cast_floating(x, dtype)
     if mutable:
       out, upd = self.module.apply(variables, x, train=train, part=part, mutable=mutable, **kw)
-      return out, _unfreeze(upd)
-    return self.module.apply(variables, x, train=train, part=part, **kw), {}
+      upd = _unfreeze(upd)
+    else:
+      out, upd = self.module.apply(variables, x, train=train, part=part, **kw), {}
+    if dtype != jnp.float32:
+      out, upd = layers.cast_floating((out, upd), jnp.float32)
+    return out, upd
 
 
 def _unfreeze(tree):

@@ -30,7 +30,7 @@ from mtl_jax.models.base import batch_norm as base_batch_norm
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.models.conv import Conv
+from mtl_jax.layers import Conv
 from mtl_jax.sharing.base import (Defs, MultiTaskModel, head_defs, path_mask, register, run,
                                   stage_defs)
 
