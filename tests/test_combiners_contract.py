@@ -369,7 +369,7 @@ def test_shard_map_4_devices_exact_equals_global_batch():
   assert res.returncode == 0, res.stderr[-3000:]
   rows = [line.split() for line in res.stdout.strip().splitlines()]
   assert {r[0] for r in rows} == set(REPRESENTATIVES)
-  # The device mean changes float32 summation order; iterative solvers (MGDA, CAGrad) amplify
-  # that to ~1e-5. A missing or misplaced reduction shows as O(1) differences.
-  bad = [(n, mode, e) for n, mode, e in rows if not float(e) <= 1e-4]
+  # The device mean changes float32 summation order; iterative solvers (CAGrad's dual) amplify
+  # that to ~1e-4 (1.3e-4 seen in CI). A missing or misplaced reduction shows as O(1) differences.
+  bad = [(n, mode, e) for n, mode, e in rows if not float(e) <= 1e-3]
   assert not bad, f"exact shard_map reduction differs from the global batch: {bad}"

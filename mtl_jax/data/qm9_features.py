@@ -116,6 +116,23 @@ def _parse_floats(text: str) -> np.ndarray:
   return np.array(text.replace("[", "").replace("]", "").split(","), np.float64)
 
 
+def qm9pack_data_folder() -> str:
+  """The ``data`` folder of the installed ``qm9pack`` package, found without importing it.
+
+  ``qm9pack.qm9pack_getdata`` imports ``pkg_resources``, which setuptools >= 81 no longer ships;
+  the CSV files are package data, so the package's location is all we need.
+  """
+  import importlib.util
+  spec = importlib.util.find_spec("qm9pack")
+  if spec is None or not spec.submodule_search_locations:
+    raise ImportError("QM9 offline needs the qm9pack package: pip install qm9pack==1.0.3")
+  folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
+  if not os.path.isdir(folder):
+    raise ImportError(f"qm9pack is installed but has no data folder at {folder}: "
+                      "pip install --force-reinstall qm9pack==1.0.3")
+  return folder
+
+
 def read_qm9pack(limit: int | None = None) -> dict[str, Any]:
   """Raw records from the installed ``qm9pack`` CSV files, in QM9 index order.
 
@@ -124,10 +141,7 @@ def read_qm9pack(limit: int | None = None) -> dict[str, Any]:
   [M, 11] in QM9 native units (order :data:`RAW_KEYS`).
   """
   import pandas as pd  # pandas ships with tfds' dependencies; imported lazily.
-  try:
-    from qm9pack.qm9pack_getdata import data_folder
-  except ImportError as e:  # pragma: no cover - qm9pack is in requirements.txt
-    raise ImportError("QM9 offline needs the qm9pack package: pip install qm9pack") from e
+  data_folder = qm9pack_data_folder()
   cols = ["Index", "SMILES", "Elements", "XYZ_Ang", *QM9PACK_COLUMNS.values()]
   frames, left = [], limit
   for name in _QM9PACK_FILES:
