@@ -433,6 +433,18 @@ class _Stop:
       signal.signal(signal.SIGTERM, self.previous)
 
 
+def _loss_based_names(num_tasks: int) -> list[str]:
+  """Registered combiners that need only the losses at ``num_tasks`` (those valid at that K)."""
+  out = []
+  for name in combiners.names():
+    try:
+      if combiners.method(name, num_tasks).needs == combiners.LOSSES:
+        out.append(name)
+    except ValueError:  # e.g. krum / trimmed_mean below their minimum number of tasks
+      continue
+  return out
+
+
 def build(config):
   """Validate the config and build ``(bench, model, method)``; raises one-line errors."""
   config_utils.validate(config)
@@ -452,7 +464,7 @@ def build(config):
       raise config_utils.ConfigError(
           f"combiner {method.name!r} needs a Gramian over shared parameters but sharing "
           f"{model.name!r} shares none; valid combiners for it (loss-based): "
-          f"{', '.join(n for n in combiners.names() if combiners.method(n, len(bench.tasks)).needs == combiners.LOSSES)}")
+          f"{', '.join(_loss_based_names(len(bench.tasks)))}")
     if not config.engine.mode and method.needs == combiners.GRAMIAN:
       mode = auto_gramian_mode(len(bench.tasks), shapes["params"], mask,
                                config.engine.jacobian_budget_mb)
