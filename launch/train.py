@@ -5,8 +5,13 @@ r"""Train one multi-task model from a config.
 
 Rerunning the same command resumes from the workdir's latest checkpoint (a newest checkpoint that
 does not restore is moved aside to ``<step>.corrupt`` and the one before it is used). Several
-hosts: launch the same command on each with ``--distributed`` (or ``MTL_JAX_DISTRIBUTED=1``), which
-calls ``jax.distributed.initialize()`` (coordinator from the environment, as on Cloud TPU / SLURM).
+processes (hosts): on a Cloud TPU pod slice or under SLURM, the same command on each with
+``--distributed`` (or ``MTL_JAX_DISTRIBUTED=1``): ``jax.distributed.initialize()`` takes the
+coordinator, the process count and the id from the environment; elsewhere (a GPU cluster, CPU
+processes on one machine) one command per process with ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`` (or ``MTL_JAX_COORDINATOR_ADDRESS``, ``MTL_JAX_NUM_PROCESSES``,
+``MTL_JAX_PROCESS_ID``). A SIGTERM to any one process makes all of them checkpoint the same step
+and exit 143 (JAX's preemption service; see ``mtl_jax.train._Stop``).
 
 The terminal shows a start-up block, a line before each long phase (data, compiling), a progress
 bar (with ``--progress`` or on a terminal) and the selected step's test metrics with Δm%; the full

@@ -133,3 +133,25 @@ def test_two_processes_match_one_and_a_sigterm_to_one_stops_both_at_one_step(tmp
   assert logged == list(range(5, STEPS + 1, 5))
   # one TensorBoard events file per launch (the interrupted one, the resume), process 0's only
   assert len(os.listdir(wd / "tensorboard")) == 2, os.listdir(wd / "tensorboard")
+
+
+def test_inconsistent_process_settings_are_one_line_exit_2(tmp_path):
+  cases = [
+      (["--coordinator_address=localhost:1"], {},
+       "error: --coordinator_address given without --num_processes (or MTL_JAX_NUM_PROCESSES), "
+       "--process_id (or MTL_JAX_PROCESS_ID): give all three"),
+      (["--coordinator_address=x", "--num_processes=2", "--process_id=0"], {},
+       "error: --coordinator_address='x' is not host:port"),
+      (["--coordinator_address=h:1", "--num_processes=2"], {"MTL_JAX_PROCESS_ID": "2"},
+       "error: MTL_JAX_PROCESS_ID='2' is not an integer in 0..1"),
+      (["--nodistributed", "--process_id=0"], {},
+       "error: --nodistributed (or MTL_JAX_DISTRIBUTED=0) contradicts --process_id"),
+      ([], {"MTL_JAX_DISTRIBUTED": "yes"}, "error: MTL_JAX_DISTRIBUTED='yes'; valid: 0, 1"),
+  ]
+  for args, env, needle in cases:
+    proc = subprocess.run([sys.executable, TRAIN, f"--config={CONFIG}",
+                           f"--workdir={tmp_path / 'w'}", *args], env={**_env(1), **env},
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, (args, proc.stderr[-2000:])
+    assert lines[0].startswith(needle), (args, lines[0])
