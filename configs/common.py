@@ -70,6 +70,13 @@ def base_config() -> ml_collections.ConfigDict:
   # With mode "": a Gramian weighting runs in 'jacobian' mode (fast, holds the K x P_shared
   # Jacobian) when that Jacobian fits in this many MiB, else in the streamed 'gramian' mode.
   c.engine.jacobian_budget_mb = 1024.0
+  # True: every mean over the devices (gradients, losses, Gramians) is an all-gather and a sum in
+  # device order (mtl_jax.autodiff.device_mean): the same bits however the devices are split into
+  # processes (2 x 2 = 1 x 4; not inside synchronised batch norm, flax's own pmean); costs an
+  # all-gather (N copies of the reduced quantity per device) where an all-reduce would do.
+  # False: all-reduce (pmean), whose summation order between processes is the collective
+  # library's (gloo, NCCL): the same run agrees with 1 x 4 to rounding, not to the bit.
+  c.engine.fixed_order = False
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"  # adam | adamw | sgd

@@ -102,6 +102,7 @@ class Options(NamedTuple):
   chunk: int  # gramian mode: tasks per streamed block
   layer_gramian: str  # jacobian mode: which layers are tapped
   groups: tuple = ()  # ((name, frozenset of flattened leaf indices), ...) for gramian_groups
+  fixed_order: bool = False  # device means as an all-gather and a sum in device order
 
 
 class Linear(NamedTuple):
@@ -168,12 +169,31 @@ def _axis_size(axis_name) -> int:
   return int(size_of(axis_name)) if size_of is not None else int(jax.lax.psum(1, axis_name))
 
 
-def _pmean(tree, axis_name):
+def _pmean(tree, axis_name, fixed_order: bool = False):
   """``pmean`` over ``axis_name``; the identity without an axis or on a one-device axis (there XLA
-  still emitted the all-reduce: a copy of the 40 x 5.2M Jacobian, ~4% of the CelebA CNN step)."""
+  still emitted the all-reduce: a copy of the 40 x 5.2M Jacobian, ~4% of the CelebA CNN step).
+  ``fixed_order``: :func:`device_mean`'s all-gather and sum in device order."""
   if _axis_size(axis_name) == 1:
     return tree
+  if fixed_order:
+    return device_mean(tree, axis_name)
   return jax.lax.pmean(tree, axis_name)
+
+
+def device_mean(tree, axis_name):
+  """The mean over the devices of ``axis_name`` as an all-gather and a sum in device order: the
+  same bits whichever way the devices are split into processes (an all-reduce's summation order
+  is the collective library's: gloo's or NCCL's ring between processes, not the device order of
+  XLA's in-process one). Costs an all-gather instead of an all-reduce, and the gathered copy: N
+  times the reduced quantity on every device."""
+  n = _axis_size(axis_name)
+
+  def mean(x):
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      return jax.lax.pmean(x, axis_name)
+    return jnp.sum(jax.lax.all_gather(x, axis_name), axis=0) / jnp.asarray(n, x.dtype)
+
+  return jax.tree.map(mean, tree)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +211,8 @@ def combine(method: Method,
             reduction: str = "exact",
             gramian_chunk: int = 1,
             layer_gramian: str = "auto",
-            gramian_groups=None) -> EngineOut:
+            gramian_groups=None,
+            fixed_order: bool = False) -> EngineOut:
   """One combined gradient. See the module docstring for the modes and reductions.
 
   ``state`` is a :class:`CombinerState` (``method.transform().init(params)`` makes one; the optax
@@ -201,16 +222,19 @@ def combine(method: Method,
   mode): ``{group: parameter-path prefix}`` (paths as ``'stage_0/Conv_0/kernel'``); the result's
   ``group_gramians`` then holds each group's K x K Gramian over its shared leaves, from the same
   backward pass (the full Gramian is their sum when the groups cover the shared leaves).
+  ``fixed_order``: every mean over ``axis_name`` is :func:`device_mean` (all-gather, sum in
+  device order), so the result does not depend on how the devices are split into processes.
   """
   opts = _options(method, loss_fn, params, mode, shared_mask, axis_name, reduction,
-                  gramian_chunk, layer_gramian, gramian_groups)
+                  gramian_chunk, layer_gramian, gramian_groups)._replace(
+                      fixed_order=bool(fixed_order))
   if opts.mode == "features":
     step, aux = _features_path(method, state, loss_fn, params, args, opts)
   else:
     lin = _linearise(method, loss_fn, params, args, opts)
     step, aux = _PATHS[opts.mode](method, state, lin, opts), lin.aux
   if axis_name is not None and reduction == "local":
-    step = _reduce_local(step, axis_name)
+    step = _reduce_local(step, axis_name, opts.fixed_order)
   update, new_state, ok = skip_nonfinite(step.ok, step.update, step.method_state, state)
   return EngineOut(update, step.losses, step.weights, step.gramian, aux, new_state, ok,
                    step.groups)
@@ -295,16 +319,17 @@ def _linearise(method, loss_fn, params, args, opts: Options) -> Linear:
   k = method.num_tasks
   if losses.shape != (k,):
     raise ValueError(f"the loss function returned losses of shape {losses.shape}, expected ({k},)")
-  return Linear(_pmean(losses, opts.exact_axis), pull, jvp, tapped, aux)
+  return Linear(_pmean(losses, opts.exact_axis, opts.fixed_order), pull, jvp, tapped, aux)
 
 
-def _reduce_local(step: Step, axis_name) -> Step:
+def _reduce_local(step: Step, axis_name, fixed_order: bool) -> Step:
   """``reduction='local'``: each device combined alone; average the updates, the losses and the
   float leaves of the state (so that it stays replicated); a step is finite on every device."""
-  inexact = lambda x: _pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+  inexact = lambda x: (_pmean(x, axis_name, fixed_order) if jnp.issubdtype(x.dtype, jnp.inexact)
+                       else x)
   ok = jax.lax.pmin(step.ok.astype(jnp.int32), axis_name).astype(bool)
-  return step._replace(update=_pmean(step.update, axis_name),
-                       losses=_pmean(step.losses, axis_name),
+  return step._replace(update=_pmean(step.update, axis_name, fixed_order),
+                       losses=_pmean(step.losses, axis_name, fixed_order),
                        method_state=jax.tree.map(inexact, step.method_state), ok=ok)
 
 
@@ -315,7 +340,8 @@ def _reduce_local(step: Step, axis_name) -> Step:
 def _losses_path(method, state, lin: Linear, opts: Options) -> Step:
   """One backward pass of ``sum_k w_k L_k``."""
   weights, new, ok = guarded_weights(method, None, lin.losses, state.method)
-  update = _pmean(_weighted_grad(method, lin, weights, opts.mask), opts.exact_axis)
+  update = _pmean(_weighted_grad(method, lin, weights, opts.mask), opts.exact_axis,
+                  opts.fixed_order)
   return Step(update, lin.losses, weights, None, new, ok)
 
 
@@ -324,7 +350,8 @@ def _gramian_path(method, state, lin: Linear, opts: Options) -> Step:
   def fresh():
     gram = _streamed_gramian(lin, method.num_tasks, opts)
     weights, new, ok = guarded_weights(method, gram, lin.losses, state.method)
-    update = _pmean(_weighted_grad(method, lin, weights, opts.mask), opts.exact_axis)
+    update = _pmean(_weighted_grad(method, lin, weights, opts.mask), opts.exact_axis,
+                    opts.fixed_order)
     return Step(update, lin.losses, weights, gram, new, ok)
 
   return _fresh_or_reuse(method, state, lin, opts, fresh)
@@ -365,7 +392,8 @@ def _weighting_jacobian_step(method, state, lin: Linear, opts: Options) -> Step:
   leaves, treedef = jax.tree.flatten(rows)
   mask_leaves = jax.tree.leaves(opts.mask)
   site_of = {s.leaf: i for i, s in enumerate(plan.sites)}
-  rows = _pmean([None if i in site_of else j for i, j in enumerate(leaves)], opts.exact_axis)
+  rows = _pmean([None if i in site_of else j for i, j in enumerate(leaves)], opts.exact_axis,
+                opts.fixed_order)
   size = _axis_size(opts.exact_axis)
   terms = {s.leaf: taps.site_gramian(s, inputs[i][0], tap_rows[i], opts.exact_axis, size)
            for i, s in enumerate(plan.sites)}
@@ -380,7 +408,7 @@ def _weighting_jacobian_step(method, state, lin: Linear, opts: Options) -> Step:
       x, w, op = inputs[site_of[i]]
       cot = weighted_sum(weights, tap_rows[site_of[i]])  # the K cotangents are K-leading
       upd = taps.site_update(x, w, op, cot).astype(leaves[i].dtype)  # w may be a cast
-      update.append(_pmean(upd, opts.exact_axis))
+      update.append(_pmean(upd, opts.exact_axis, opts.fixed_order))
     else:
       update.append(weighted_sum(weights if m else specific, j, task_axis=-1))
   return Step(jax.tree.unflatten(treedef, update), lin.losses, weights, gram, new, ok, groups)
@@ -389,7 +417,7 @@ def _weighting_jacobian_step(method, state, lin: Linear, opts: Options) -> Step:
 def _aggregator_step(method, state, lin: Linear, opts: Options) -> Step:
   """An aggregator on the K-leading Jacobian; the Gramian is for the statistics (cheap next to
   the Jacobian)."""
-  jac = _pmean(_rows(lin.pull, lin.losses, task_axis=0), opts.exact_axis)
+  jac = _pmean(_rows(lin.pull, lin.losses, task_axis=0), opts.exact_axis, opts.fixed_order)
   terms = {i: gramian_of([j], [True]) for i, (j, m) in
            enumerate(zip(jax.tree.leaves(jac), jax.tree.leaves(opts.mask))) if m}
   gram, groups = _grouped(terms, opts.groups, lin.losses.shape[0])
@@ -411,9 +439,9 @@ def _streamed_gramian(lin: Linear, k: int, opts: Options) -> jax.Array:
   eye = jnp.eye(n * chunk, k, dtype=lin.losses.dtype).reshape(n, chunk, k)
 
   def block(_, cot):
-    rows = _pmean(jax.vmap(lambda c: lin.pull(c)[0])(cot), axis)
+    rows = _pmean(jax.vmap(lambda c: lin.pull(c)[0])(cot), axis, opts.fixed_order)
     rows = jax.tree.map(lambda r, m: r if m else jnp.zeros_like(r), rows, mask)
-    cols = _pmean(jax.vmap(lin.jvp)(rows), axis)  # (chunk, K): <g_a^shared, g_l>
+    cols = _pmean(jax.vmap(lin.jvp)(rows), axis, opts.fixed_order)  # (chunk, K): <g_a, g_l>
     return None, cols
 
   _, cols = jax.lax.scan(block, None, eye)
@@ -426,7 +454,7 @@ def _reuse_step(method, state, lin: Linear, opts: Options) -> Step:
   k, mask = method.num_tasks, opts.mask
   weights, new, max_norm = method.reuse(lin.losses, state.method)
   weights = jnp.asarray(weights, jnp.float32)
-  update = _pmean(_weighted_grad(method, lin, weights, mask), opts.exact_axis)
+  update = _pmean(_weighted_grad(method, lin, weights, mask), opts.exact_axis, opts.fixed_order)
   sq = sum(jnp.sum(jnp.square(u.astype(jnp.float32)))
            for u, m in zip(jax.tree.leaves(update), jax.tree.leaves(mask)) if m)
   cap = jnp.asarray(max_norm, jnp.float32)
@@ -460,19 +488,20 @@ def _features_path(method, state, split: SplitLoss, params, args, opts: Options)
       lambda p, zz: split.decode(p, zz, *args), params, z, has_aux=True)
   if losses.shape != (k,):
     raise ValueError(f"the loss function returned losses of shape {losses.shape}, expected ({k},)")
-  glosses = _pmean(losses, axis)
+  glosses = _pmean(losses, axis, opts.fixed_order)
   gram = None
   if method.needs != LOSSES:
     jz = jax.vmap(lambda c: dec_vjp(c)[1])(jnp.eye(k, dtype=losses.dtype))
     gram = gramian_of(jz, resolve_mask(None, jz))
     if axis is not None:
       size = _axis_size(axis)
-      gram = jax.lax.psum(gram, axis) / (size * size)
+      gram = (device_mean(gram, axis) / size if opts.fixed_order
+              else jax.lax.psum(gram, axis) / (size * size))
   weights, new, ok = guarded_weights(method, gram, glosses, state.method)
   dec_params, dz = dec_vjp(weights.astype(losses.dtype))
   if method.specific != "weighted":
     spec_params, _ = dec_vjp(method.specific_weights(weights).astype(losses.dtype))
     dec_params = jax.tree.map(lambda u, s, m: u if m else s, dec_params, spec_params, mask)
   (enc_params,) = enc_vjp(dz)
-  update = _pmean(jax.tree.map(jnp.add, dec_params, enc_params), axis)
+  update = _pmean(jax.tree.map(jnp.add, dec_params, enc_params), axis, opts.fixed_order)
   return Step(update, glosses, weights, gram, new, ok), (enc_aux, dec_aux)

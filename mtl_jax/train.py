@@ -242,7 +242,7 @@ def make_plateau(config) -> optax.GradientTransformationExtraArgs:
 def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTransformation,
                     mesh, *, mode: str, reduction: str = "exact", multi_input: bool = False,
                     shared_mask=None, constants=None, per_device_batches: bool = False,
-                    layer_gramian: str = "auto"):
+                    layer_gramian: str = "auto", fixed_order: bool = False):
   """``step(state, batch) -> (state, metrics)``: jitted, SPMD over ``mesh``, state donated.
 
   ``model`` is a :class:`mtl_jax.sharing.MultiTaskModel`; ``shared_mask`` the tree of bools over
@@ -250,7 +250,10 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
   (e.g. sparse-sharing masks), closed over as constants. ``per_device_batches``: every batch leaf
   has a leading device axis of the mesh's size (one self-contained sub-batch per device, as
   :attr:`mtl_jax.data.base.Benchmark.per_device_batches` loaders make for graph batches); each
-  device drops that axis of its slice.
+  device drops that axis of its slice. ``fixed_order``: every mean over the devices is
+  :func:`mtl_jax.autodiff.device_mean` (all-gather, sum in device order: bit-identical for any
+  split of the devices into processes), except the batch statistics that synchronised batch norm
+  normalises with inside the step (flax's ``nn.BatchNorm`` averages them with its own ``pmean``).
   """
   # Host copies: a device array closed over by shard_map must not carry a sharding on the
   # mesh's axes (JAX rejects closing over Explicit-axis arrays); numpy constants embed as-is.
@@ -269,6 +272,9 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
   else:
     loss_fn = make_loss_fn(model, tasks, multi_input, constants)
 
+  mean = ((lambda t: autodiff.device_mean(t, AXIS)) if fixed_order else
+          (lambda t: jax.lax.pmean(t, AXIS)))
+
   def per_device(state: TrainState, batch):
     if per_device_batches:
       batch = _drop_device_axis(batch)
@@ -276,9 +282,10 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
     out = autodiff.combine(method, state.combiner_state, loss_fn, state.params, state.batch_stats,
                            batch, rng, mode=mode, shared_mask=shared_mask, axis_name=AXIS,
-                           reduction=reduction, layer_gramian=layer_gramian)
+                           reduction=reduction, layer_gramian=layer_gramian,
+                           fixed_order=fixed_order)
     aux = out.aux[0] if mode == "features" else out.aux
-    new_bs = jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), aux) if state.batch_stats else {}
+    new_bs = mean(aux) if state.batch_stats else {}
     grad = out.update
     metrics = {}
     if model.regularizer_fn is not None:
@@ -414,19 +421,35 @@ def selection_score(rule: str, results, bench) -> float:
 
 
 class _Stop:
-  """Set by SIGTERM: the loop checkpoints and returns."""
+  """When the loop checkpoints and returns. One process: after a SIGTERM (a Python handler sets
+  the flag; the loop stops after the step it is in). Several processes: a per-process flag would
+  stop one process alone while the others wait for it at the next collective, so the step is
+  agreed instead: JAX's preemption service (``jax.distributed``, on unless
+  ``jax_enable_preemption_service`` is off) catches the SIGTERM of any process and proposes the
+  step after the furthest one any process has reached, and orbax's
+  ``CheckpointManager.reached_preemption(step)``, asked after every step by every process, is
+  True on all of them at that same step. No Python handler is installed there (it would replace
+  the service's)."""
 
-  def __init__(self):
+  def __init__(self, mngr=None):
     self.flag = False
     self.previous = None
+    self.mngr = mngr
+    self.agreed = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
 
   def install(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self.agreed and threading.current_thread() is threading.main_thread():
       self.previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.flag = True
+
+  def at(self, step: int) -> bool:
+    """Whether to checkpoint and stop after ``step`` (ask once per step, in step order)."""
+    if self.agreed and not self.flag:
+      self.flag = bool(self.mngr.reached_preemption(step))
+    return self.flag
 
   def uninstall(self):
     if self.previous is not None:
@@ -515,7 +538,8 @@ def build_program(config, devices=None, built=None, num_steps: Optional[int] = N
                             reduction=config.engine.reduction, multi_input=bench.multi_input,
                             shared_mask=mask, constants=constants,
                             per_device_batches=bench.per_device_batches,
-                            layer_gramian=config.engine.layer_gramian)
+                            layer_gramian=config.engine.layer_gramian,
+                            fixed_order=bool(config.engine.get("fixed_order", False)))
   return Program(bench, model, method, mode, mesh, loader, int(num_steps), state, constants,
                  step_fn)
 
@@ -556,12 +580,7 @@ def restore_latest(mngr, target: TrainState, say=logging.info):
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
       return restored["state"], restored["meta"]
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise bare Exception)
-      src = os.path.join(str(mngr.directory), str(step))
-      dst = src + ".corrupt"
-      n = 1
-      while os.path.exists(dst):
-        dst, n = f"{src}.corrupt.{n}", n + 1
-      os.rename(src, dst)
+      dst = _move_aside(os.path.join(str(mngr.directory), str(step)))
       mngr.reload()
       tried.append(step)
       say(f"checkpoint step {step} does not restore ({_one_line(e)}); moved to {dst}, "
@@ -571,6 +590,27 @@ def restore_latest(mngr, target: TrainState, say=logging.info):
                           f"{', '.join(map(str, tried))}, moved aside as <step>.corrupt); "
                           f"remove the workdir to start afresh")
   return None, None
+
+
+def _move_aside(src: str) -> str:
+  """Rename a checkpoint folder to ``<step>.corrupt`` (``.corrupt.N`` when taken). With several
+  processes (one shared checkpoint folder) all pick the name before process 0 renames, and all
+  go on once it has."""
+  _sync_processes(f"mtl_jax: name {src}.corrupt")
+  dst, n = src + ".corrupt", 1
+  while os.path.exists(dst):
+    dst, n = f"{src}.corrupt.{n}", n + 1
+  _sync_processes(f"mtl_jax: named {src}.corrupt")
+  if jax.process_index() == 0:
+    os.rename(src, dst)
+  _sync_processes(f"mtl_jax: moved {src} aside")
+  return dst
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 class CheckpointError(RuntimeError):
@@ -817,7 +857,7 @@ def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progr
     batch = next(p.loader) if run.step < n else None  # read while the device runs the step
     run.ahead = batch is not None
     at = {k: run.step % v == 0 or run.step == n for k, v in every.items()}
-    if any(at.values()) or stop.flag:
+    if stop.at(run.step) or any(at.values()):
       _read_pending(run, names, config.train.on_nonfinite, out.mngr)
       _pause(run)
       if at["log_every"]:
@@ -950,7 +990,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
   for line in _startup_block(config, p, workdir, num_params, start):
     say(line)
   ev = _make_evaluator(config, p)
-  stop = _Stop()
+  stop = _Stop(mngr)
   stop.install()
   try:
     preempted = _loop(run, p, ev, out, config, stop, progress)
