@@ -20,6 +20,8 @@ substituted (and why) is stated per handler:
 * The TAG block: `:quick` -> `:smoke` and `num_steps=50` -> `num_steps=3`.
 * `launch/benchmark.py` commands (minutes each): every flag they name must be a flag of that
   subcommand (its `--help`).
+* The multi-host block (a `for` loop starting 2 processes): as written, with `--workdir` a
+  temporary directory and the coordinator on a free port; both processes print one checksum.
 * Not run, with the reason: the install lines (`python3 -m venv`, `pip install`: the network;
   `.ci/run` runs them on every CI build) and `python -m pytest` (this suite).
 """
@@ -97,6 +99,8 @@ def _claims(block) -> list[str]:
   where, lang, body = block
   if lang == "python":
     return [_python_kind(body)]
+  if lang in ("bash", "sh") and body.startswith("for i in"):
+    return ["multiprocess"]
   if lang in ("bash", "sh"):
     return [_kind(c) for c in _commands(body)]
   return ["unknown"]
@@ -117,7 +121,7 @@ def _run(cmd: str, cwd, timeout: int = 300) -> str:
 
 def _of_kind(kind: str) -> list[str]:
   return [c for where, lang, body in BLOCKS if lang in ("bash", "sh")
-          for c in _commands(body) if _kind(c) == kind]
+          and not body.startswith("for i in") for c in _commands(body) if _kind(c) == kind]
 
 
 def _python_blocks(kind: str) -> list[str]:
@@ -246,3 +250,21 @@ def test_tag_block_at_smoke_size(tmp_path):
   (tmp_path / "tag.py").write_text(small)
   out = _run(f"{shlex.quote(sys.executable)} {tmp_path / 'tag.py'}", ROOT)
   assert "[" in out
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def test_two_process_block(tmp_path):
+  (body,) = [b for w, lang, b in BLOCKS if lang == "bash" and b.startswith("for i in")]
+  script = _replace_flag(body, "workdir", str(tmp_path / "run"))
+  script = re.sub(r"localhost:\d+", f"localhost:{_free_port()}", script)
+  out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  sums = re.findall(r"params_checksum\W+([0-9a-f]{8,})", out.stdout)
+  assert len(sums) == 2 and sums[0] == sums[1], out.stdout[-2000:]
