@@ -232,9 +232,9 @@ def test_gradvac_state_ema():
 # ---------------------------------------------------------------------------------------- CAGrad
 
 
-# Derandomized: the jitted simplex solver can stall short of the CAGrad dual minimum on rare
-# inputs (found: seed=12947, k=5, p=2, c=0.8 — a backtracking test at float32 rounding level; see
-# the session note). A fixed example set keeps CI deterministic until the solver is fixed.
+# Derandomized (a fixed example set keeps CI deterministic). The FISTA solver this was written for
+# stalled on seed=12947, k=5, p=2, c=0.8; the exact solver (solve_dual) is checked against a float64
+# reference in tests/test_solvers.py.
 @settings(SETTINGS, derandomize=True)
 @given(st.integers(0, 10**6), KS, st.integers(1, 6),
        st.sampled_from([0.4, 0.8]))

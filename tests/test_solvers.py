@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from mtl_jax import combiners
 from mtl_jax.combiners._mgda import min_norm_weights
+import mtl_jax.combiners._cagrad  # noqa: F401  (combiners._cagrad)
 
 SETTINGS = dict(max_examples=12, deadline=None, derandomize=True)
 min_norm = jax.jit(min_norm_weights)
@@ -105,3 +106,84 @@ def test_sdmgrad_os_samples_and_scales():
     # the K/n-scaled SDMGrad weights of the kept tasks: sum = (K/n) (1 + lamda |S|/K) / (1 + lamda)
     kept.append(mask)
   assert abs(np.mean(kept) - n / k) < 0.06  # Bernoulli(n/K) per task
+
+
+# ---------------------------------------------------------------------------------------- CAGrad
+# The dual on the mean-diagonal-normalised Gramian G (the official 1e-8 constants on it):
+# min_{w in simplex} w'Gb + cc sqrt(w'Gw + 1e-8) = (CAGrad dual of G~ = G + 1e-8 11') - 1e-8.
+
+cagrad_dual = jax.jit(lambda g: combiners._cagrad.cagrad_weights(g, 0.4, 0)[1])
+
+
+def _ldp(a, h):
+  """min ||y|| s.t. a y >= h, float64 (least-distance programming by NNLS); None if infeasible."""
+  if np.all(h <= 0):
+    return np.zeros(a.shape[1])
+  k, p = a.shape
+  e = np.vstack([a.T, h[None, :]])
+  f = np.zeros(p + 1)
+  f[-1] = 1.0
+  u, _ = so.nnls(e, f, maxiter=200 * k)
+  r = e @ u - f
+  return None if abs(r[p]) < 1e-300 else -r[:p] / r[p]
+
+
+def cagrad_reference(g, c=0.4):
+  """float64 optimum of the CAGrad dual (the lifted primal max lambda s.t. J~ y >= lambda 1 - r,
+  ||y|| <= cc, by bisection on lambda with exact least-distance solves) and the problem data."""
+  k = g.shape[0]
+  gh = g / (np.trace(g) / k)
+  gt = gh + 1e-8
+  cc = c * np.sqrt(gh.mean() + 1e-8) + 1e-8
+  lam, vec = np.linalg.eigh(gt)
+  a = vec * np.sqrt(np.maximum(lam, 0.0))
+  r = gt @ np.full(k, 1.0 / k)
+  lo, hi = r.min(), np.min(r + cc * np.sqrt(np.diag(gt)))
+  for _ in range(200):
+    mid = 0.5 * (lo + hi)
+    y = _ldp(a, mid - r)
+    if y is not None and y @ y <= cc * cc:
+      lo = mid
+    else:
+      hi = mid
+    if hi - lo <= 1e-15 * max(abs(hi), abs(lo)):
+      break
+  return lo, gt, cc
+
+
+def cagrad_objective(w, gt, cc):
+  return w @ gt @ np.full(len(w), 1.0 / len(w)) + cc * np.sqrt(w @ gt @ w)
+
+
+@settings(**SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([2, 3, 7, 40]))
+def test_cagrad_dual_matches_float64_reference(seed, k):
+  a = ill_jacobian(seed, k)
+  g = a @ a.T
+  w = np.asarray(cagrad_dual(jnp.asarray(g, jnp.float32)), np.float64)
+  assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-5
+  opt, gt, cc = cagrad_reference(g)
+  assert abs(cagrad_objective(w, gt, cc) / opt - 1) < 1e-5
+
+
+def issue_cagrad_case():
+  """The issue's K=5 case: Gaussian rows, norms 1e-2..1e2 (the FISTA solver it replaced: dual
+  objective 1.92x the optimum, d 48% off)."""
+  r = np.random.default_rng(44)
+  a = r.normal(size=(5, 8))
+  return a / np.linalg.norm(a, axis=1, keepdims=True) * np.logspace(-2, 2, 5)[:, None]
+
+
+def test_cagrad_reference_case():
+  a = issue_cagrad_case()
+  g = a @ a.T
+  v, w = combiners._cagrad.cagrad_weights(jnp.asarray(g, jnp.float32), 0.4, 0)
+  w, v = np.asarray(w, np.float64), np.asarray(v, np.float64)
+  w_ref = np.array([0.99992820568080198, 0.0, 0.0, 7.1794319198055477e-05, 0.0])  # float64
+  np.testing.assert_allclose(w, w_ref, atol=1e-7)
+  opt, gt, cc = cagrad_reference(g)
+  np.testing.assert_allclose(opt, 7.870349045302822e-05, rtol=1e-9)
+  assert abs(cagrad_objective(w, gt, cc) / opt - 1) < 1e-6
+  d_ref = np.array([2.50151856632337, -3.6519690640692444, 2.2571117712689386, 20.03309072045642,
+                    11.449641555183655, 5.21443985537909, 0.31457667666955236, 2.950967250977224])
+  assert np.linalg.norm(v @ a - d_ref) < 1e-6 * np.linalg.norm(d_ref)

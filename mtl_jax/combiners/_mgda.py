@@ -33,8 +33,6 @@ loss) is replaced by 1 instead of dividing by zero.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
@@ -42,59 +40,6 @@ from mtl_jax.combiners._qp import nonneg_qp, project_simplex
 from mtl_jax.combiners.base import GRAMIAN, EmptyState, Method, register
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
-
-
-def simplex_minimize(f: Callable[[jax.Array], jax.Array], w0: jax.Array, iters: int,
-                     lipschitz0: float = 1.0) -> jax.Array:
-  """Minimise a smooth convex ``f`` over the simplex: FISTA with backtracking and restart.
-
-  For K = 2 the simplex is a segment: bisection on the (monotone) derivative of
-  ``f(t e1 + (1 - t) e2)`` over ``[0, 1]`` (60 halvings: exact to float precision), much cheaper.
-  """
-  grad_f = jax.grad(f)
-  if w0.shape[0] == 2:
-    return _segment_minimize(f, w0.dtype)
-
-  def step(carry, _):
-    w, y, t, lip = carry
-    fy, gy = f(y), grad_f(y)
-
-    def prox(l):
-      return project_simplex(y - gy / l)
-
-    def too_big(c):
-      l, n = c
-      p = prox(l)
-      d = p - y
-      return (f(p) > fy + gy @ d + 0.5 * l * (d @ d) + 1e-12 * jnp.abs(fy)) & (n < 40)
-
-    lip, _ = jax.lax.while_loop(too_big, lambda c: (c[0] * 2.0, c[1] + 1), (lip, 0))
-    w_new = prox(lip)
-    t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
-    restart = f(w_new) > f(w)
-    y_new = jnp.where(restart, w_new, w_new + ((t - 1.0) / t_new) * (w_new - w))
-    t_new = jnp.where(restart, 1.0, t_new)
-    return (w_new, y_new, t_new, lip * 0.9), None
-
-  init = (w0, w0, jnp.ones((), w0.dtype), jnp.asarray(lipschitz0, w0.dtype))
-  (w, *_), _ = jax.lax.scan(step, init, None, length=int(iters))
-  return w
-
-
-def _segment_minimize(f, dtype):
-  e = jnp.eye(2, dtype=dtype)
-  dphi = jax.grad(lambda t: f(t * e[0] + (1.0 - t) * e[1]))
-
-  def halve(_, lohi):
-    lo, hi = lohi
-    mid = 0.5 * (lo + hi)
-    up = dphi(mid) > 0
-    return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
-
-  lo, hi = jax.lax.fori_loop(0, 60, halve, (jnp.zeros((), dtype), jnp.ones((), dtype)))
-  t = jnp.where(dphi(jnp.zeros((), dtype)) >= 0, 0.0,
-                jnp.where(dphi(jnp.ones((), dtype)) <= 0, 1.0, 0.5 * (lo + hi)))
-  return jnp.stack([t, 1.0 - t]).astype(dtype)
 
 
 def min_norm_weights(gramian: jax.Array, iters: int = 250, eps: float = 1e-7) -> jax.Array:

@@ -90,11 +90,15 @@ def box_qp(h: jax.Array,
   return z / d
 
 
-def _box_qp_scaled(h, q, lower, upper, x, max_iter, tol, polish):
-  """:func:`box_qp` on the (Jacobi-scaled) problem: FISTA with restart, then polishing."""
+def _box_qp_scaled(h, q, lower, upper, x, max_iter, tol, polish, lmax=None):
+  """:func:`box_qp` on the (Jacobi-scaled) problem: FISTA with restart, then polishing.
+
+  ``lmax``: the largest eigenvalue of ``h`` if the caller has it (solves in a loop on one ``h``).
+  """
   x = jnp.clip(x, lower, upper)
 
-  lmax = jnp.max(jnp.linalg.eigvalsh(h))
+  if lmax is None:
+    lmax = jnp.max(jnp.linalg.eigvalsh(h))
   scale = jnp.maximum(lmax, jnp.finfo(jnp.float32).tiny)  # Lipschitz constant of the gradient
 
   def cond(carry):
