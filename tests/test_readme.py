@@ -22,6 +22,10 @@ substituted (and why) is stated per handler:
   subcommand (its `--help`).
 * The multi-host block (a `for` loop starting 2 processes): as written, with `--workdir` a
   temporary directory and the coordinator on a free port; both processes print one checksum.
+* `launch/prepare.py` commands (they need the official files, downloaded by hand): the dataset
+  name must be one prepare knows and every flag one it defines; `tests/test_prepare.py` runs each
+  preparation on fabricated miniatures of those files.
+* ```` ```text ```` blocks are diagrams, not commands.
 * Not run, with the reason: the install lines (`python3 -m venv`, `pip install`: the network;
   `.ci/run` runs them on every CI build) and `python -m pytest` (this suite).
 """
@@ -47,7 +51,7 @@ SMOKE_SWEEP = ["--config.base=configs/ls_qm9.py:smoke", "--config.combiners=ls",
 SKIPPED = {  # command prefix -> why it is not run here
     "python3 -m venv": "creates an environment: .ci/run does it on every CI build",
     "pip install": "needs the network: .ci/run installs requirements.txt on every CI build",
-    "python -m pytest": "this test suite itself",
+    "python -m pytest": "this test suite itself (the --durations run too)",
 }
 
 
@@ -75,7 +79,7 @@ def _kind(cmd: str) -> str:
   for prefix in SKIPPED:
     if cmd.startswith(prefix) or f"&& {prefix}" in cmd:
       return "skip"
-  for kind in ("train", "toy", "sweep", "report", "benchmark"):
+  for kind in ("train", "toy", "sweep", "report", "benchmark", "prepare"):
     if cmd.startswith(f"python launch/{kind}.py"):
       return kind
   if cmd.startswith("python -c ") or cmd.startswith("pip list "):
@@ -99,6 +103,8 @@ def _claims(block) -> list[str]:
   where, lang, body = block
   if lang == "python":
     return [_python_kind(body)]
+  if lang == "text":
+    return ["diagram"]  # a picture in text (docs/architecture.md), nothing to run
   if lang in ("bash", "sh") and body.startswith("for i in"):
     return ["multiprocess"]
   if lang in ("bash", "sh"):
@@ -268,3 +274,16 @@ def test_two_process_block(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   sums = re.findall(r"params_checksum\W+([0-9a-f]{8,})", out.stdout)
   assert len(sums) == 2 and sums[0] == sums[1], out.stdout[-2000:]
+
+
+def test_prepare_commands_name_real_datasets_and_flags():
+  from mtl_jax.data import prepare
+  cmds = _of_kind("prepare")
+  assert cmds
+  helps = subprocess.run("python launch/prepare.py --help", shell=True, cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120).stdout  # absl: exit 1
+  for cmd in cmds:
+    argv = shlex.split(cmd, comments=True)[2:]
+    assert argv[0] in prepare.NAMES, f"{cmd}: unknown dataset (valid: {prepare.NAMES})"
+    for arg in argv[1:]:
+      assert arg.startswith("--") and f"{arg.split('=')[0]}:" in helps, f"{cmd}: {arg}"
