@@ -32,6 +32,8 @@ substituted (and why) is stated per handler:
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shlex
@@ -170,7 +172,13 @@ def test_train_commands_at_smoke_size(tmp_path):
     cmd = re.sub(r"--config=(configs/\w+\.py)(:\w+)?", r"--config=\1:smoke", cmd)
     cmd = _replace_flag(cmd, "workdir", str(tmp_path / f"run{i}"))
     _run(cmd, ROOT)
-    assert (tmp_path / f"run{i}" / "summary.json").exists(), cmd
+    summary = json.loads((tmp_path / f"run{i}" / "summary.json").read_text())
+    tasks = re.search(r"--config.tasks=(\S+)", cmd)
+    if tasks:
+      assert sorted(summary["test"]) == sorted(tasks.group(1).split(",")), cmd
+    assert summary["test"] and summary["num_params"] > 0, cmd
+    for task, metrics in summary["test"].items():  # every task's selected test metrics, finite
+      assert metrics and all(math.isfinite(v) for v in metrics.values()), (cmd, task, metrics)
 
 
 def test_toy_command_short(tmp_path):
