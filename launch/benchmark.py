@@ -15,7 +15,7 @@ scaling with K and with forced CPU device counts (subprocesses with
 with their measured ratios (a verdict only at the default sizes they were set for, ``BOUND_SIZES``); ``--out`` writes ``{rows: [{combiner, mode, step_s, ratio_to_ls,
 ratio_to_jacobian, peak_mem_mb, ...}], nash_solve_ms: {K: ms}, references, checks, ...}``.
 Weightings that share needs and task-specific rule share one compiled step per mode
-(:func:`mtl_jax.bench_utils.switch_method`); the gramian/jacobian-mode rows are timed
+(:func:`bench.steps.switch_method`, ``launch/bench/``); the gramian/jacobian-mode rows are timed
 ``--heavy_repeats`` times (default once) each, the references ``--repeats`` times, interleaved.
 The weightings' jacobian mode taps the layers where that is cheaper (``--layer_gramian``,
 :mod:`mtl_jax.taps`; ``layer_taps`` lists them); ``--untapped_reference`` also times the exact
@@ -323,12 +323,13 @@ def _program_specs(names, args) -> dict:
   ``k`` tasks. Cheap (no model): the compile workers are planned and started from it.
 
   Weightings that the engine runs alike (one ``needs`` and ``specific``) share one program per mode
-  through :func:`mtl_jax.bench_utils.switch_method`: compilation, not running, is most of this
+  through :func:`bench.steps.switch_method`: compilation, not running, is most of this
   benchmark's time on a CPU. Each Jacobian aggregator has its own program (its memory is its own).
   LS has its own program (the reference of the loss-based rows and of the plain-step bound);
   the exact Nash-MTL reference is its row in the jacobian-mode switch program.
   """
-  from mtl_jax import bench_utils as bu, combiners
+  from bench import steps as bu, timing as bt
+  from mtl_jax import combiners
   k = int(args.num_tasks)
   specs = {}
 
@@ -385,7 +386,7 @@ def _build(args, specs: dict, labels=None):
   """``(setup, mesh, rng, programs)``: the programs of ``specs`` (or of ``labels`` only) built
   alike in every process -- ``{label: spec + dict(step, state, batch)}``."""
   import jax
-  from mtl_jax import bench_utils as bu
+  from bench import steps as bu, timing as bt
   mesh = bu.mesh_of(1)
   setups = {}
 
@@ -465,10 +466,10 @@ def _start_workers(specs, args, cache_dir):
   function that waits for them and returns ``(compile seconds by label, worker setup seconds,
   device-program compile seconds)``."""
   from concurrent.futures import ThreadPoolExecutor
-  from mtl_jax import host_malloc
+  from bench import malloc
   # Workers run without this process's single-arena malloc (mtl_jax.host_malloc): XLA compiles on
   # a thread pool, and under one arena its threads contend (18 s vs 13 s per step program).
-  env = _cache_environ(host_malloc.untuned_environ(), cache_dir)
+  env = _cache_environ(malloc.untuned_environ(), cache_dir)
   devices = [(COMPILE_COST["devices"], ("devices", nd)) for nd in _csv(args.devices, int)
              if nd > 1]
   plan = _assign(specs, args.compile_workers, devices)
@@ -511,14 +512,14 @@ def _compile_all(progs, rng, options, wait_for_workers=None):
   """Compile every program: trace each here, then (with workers) wait for them to put the
   executables into the persistent cache and load them from it. Returns the compile report."""
   import jax
-  from mtl_jax import bench_utils as bu
+  from bench import steps as bu, timing as bt
   t0 = time.perf_counter()
   hits = []
   listener = lambda event, **kw: hits.append(event) if event.endswith("/cache_hits") else None
   jax.monitoring.register_event_listener(listener)
   try:
     for p in progs.values():  # trace while the workers compile
-      p["lowered"] = p["step"].lower(p["state"], p["batch"], rng)
+      p["lowered"] = p["step"].lower(p["state"], p["batch"])
     worker_s, builds, device_s = wait_for_workers() if wait_for_workers else ({}, [], {})
     wait_s = time.perf_counter() - t0
     load_s = {}
@@ -526,7 +527,7 @@ def _compile_all(progs, rng, options, wait_for_workers=None):
       t = time.perf_counter()
       compiled = p.pop("lowered").compile(compiler_options=options or None)
       load_s[label] = time.perf_counter() - t
-      p.update(compiled=compiled, memory=bu.memory_mb(compiled),
+      p.update(compiled=compiled, memory=bt.memory_mb(compiled),
                compile_s=worker_s.get(label) or load_s[label])
   finally:
     jax.monitoring.unregister_event_listener(listener)
@@ -537,26 +538,26 @@ def _compile_all(progs, rng, options, wait_for_workers=None):
 
 def _select(prog, index):
   """The program's state with the switch index set to ``index`` (None: its own method)."""
-  from mtl_jax import bench_utils as bu
+  from bench import steps as bu, timing as bt
   state = prog["state"]
   if index is None:
     return state
-  return state._replace(combiner_state=bu.select(state.combiner_state, index))
+  return bu.select(state, index)
 
 
 def _interleaved(fns: dict, repeats: int, calls: Optional[dict] = None) -> dict:
   """Median seconds of each callable, timed round-robin (A/B interleaved) after one warm-up each;
   every call's seconds go to ``calls`` when given."""
-  from mtl_jax import bench_utils as bu
+  from bench import steps as bu, timing as bt
   for fn in fns.values():
-    bu.block(fn())
+    bt.block(fn())
   times = {name: [] for name in fns}
   for _ in range(max(int(repeats), 1)):
     for name, fn in fns.items():
-      times[name] += bu.time_calls(fn, 1, warmup=0)
+      times[name] += bt.time_calls(fn, 1, warmup=0)
   if calls is not None:
     calls.update(times)
-  return {name: bu.median(t) for name, t in times.items()}
+  return {name: bt.median(t) for name, t in times.items()}
 
 
 def _check(checks, name, value, bound, lower_is_better=True, note="", sized=True):
@@ -581,7 +582,7 @@ def _format_check(c) -> str:
 
 
 def step_benchmark(args) -> dict:
-  from mtl_jax.combiners import _nash_mtl as nash_module  # pylint: disable=g-import-not-at-top
+  from bench import solves as nash_module  # pylint: disable=g-import-not-at-top
 
   t_start = time.perf_counter()
   load_before = os.getloadavg()
@@ -615,10 +616,11 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
              t_start, nash_module):
   import jax
   import jax.numpy as jnp
-  from mtl_jax import bench_utils as bu, combiners
+  from bench import steps as bu, timing as bt
+  from mtl_jax import combiners
   k = setup.num_tasks
   run = lambda label, state=None: (
-      lambda: progs[label]["compiled"](state or progs[label]["state"], progs[label]["batch"], rng))
+      lambda: progs[label]["compiled"](state or progs[label]["state"], progs[label]["batch"]))
 
   # References, interleaved: plain flax, LS, Jacobian-only, exact Nash-MTL (jacobian mode).
   ref_fns = {label: run(label) for label in ("plain", "ls", "jacobian_only")}
@@ -669,7 +671,7 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
     # are divided by the interleaved reference.
     bound = label.startswith("switch:") and label.endswith("/jacobian")
     ref_times = []
-    time_ref = lambda: ref_times.extend(bu.time_calls(run("jacobian_only"), 1, warmup=0))
+    time_ref = lambda: ref_times.extend(bt.time_calls(run("jacobian_only"), 1, warmup=0))
     pending = []
     timed = [r for r in p["rows"] if (r[0], r[1]) != ("nash_mtl", "jacobian")]  # Nash: above
     if bound and timed:
@@ -677,15 +679,15 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
     for i, (combiner, mode, index) in enumerate(timed):
       state = _select(p, index)
       if not warmed:
-        bu.block(run(label, state)())
-      f0 = bu.minor_faults()
-      times = bu.time_calls(run(label, state), reps, warmup=0)
-      faults = (bu.minor_faults() - f0) // max(int(reps), 1)
+        bt.block(run(label, state)())
+      f0 = bt.minor_faults()
+      times = bt.time_calls(run(label, state), reps, warmup=0)
+      faults = (bt.minor_faults() - f0) // max(int(reps), 1)
       warmed = True
-      pending.append((combiner, mode, bu.median(times), faults))
+      pending.append((combiner, mode, bt.median(times), faults))
       if bound and (i % 4 == 3 or i == len(timed) - 1):
         time_ref()
-    jac_ref = bu.median(ref_times) if ref_times else None
+    jac_ref = bt.median(ref_times) if ref_times else None
     for combiner, mode, step_s, faults in pending:
       add_row(combiner, mode, step_s, label, reps, jac_ref, faults)
       print(f"  {combiner:<12} {mode:<9} {step_s:8.3f} s"
@@ -699,17 +701,17 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
   jac = jax.jit(lambda j: jax.tree.map(lambda x: jnp.moveaxis(x, 0, -1), j))(jac)
   gram_fn = jax.jit(lambda j: combiners.base.gramian_of(j, setup.mask, task_axis=-1))
   gram = gram_fn(jac)
-  gramian_ms = 1e3 * bu.median(bu.time_calls(lambda: gram_fn(jac), args.repeats))
+  gramian_ms = 1e3 * bt.median(bt.time_calls(lambda: gram_fn(jac), args.repeats))
   ls_method = combiners.method("ls", k)
   sum_fn = jax.jit(lambda w, j: combiners.base.combine_jacobian(ls_method, w, j, setup.mask,
                                                                 task_axis=-1))
-  combine_ms = 1e3 * bu.median(bu.time_calls(lambda: sum_fn(jnp.ones((k,)), jac), args.repeats))
+  combine_ms = 1e3 * bt.median(bt.time_calls(lambda: sum_fn(jnp.ones((k,)), jac), args.repeats))
   del jac
   weigh = {}
   for n in names:
     m = combiners.method(n, k)
     if m.is_weighting and m.needs == combiners.base.GRAMIAN:
-      weigh[n] = bu.weigh_ms(m, setup.params, gram, losses)
+      weigh[n] = nash_module.weigh_ms(m, setup.params, gram, losses)
   for row in rows:
     if row["combiner"] in weigh:
       row["weigh_ms"] = weigh[row["combiner"]]
@@ -724,10 +726,10 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
       continue
     p = progs[label]
     # One warm-up cycle (a fresh and n-1 reusing steps: both branches run once), then 2n steps.
-    _, warm = bu.time_threaded(p["compiled"], p["state"], p["batch"], rng, n)
-    times, _ = bu.time_threaded(p["compiled"], warm, p["batch"], rng, 2 * n)
+    _, warm = bt.time_threaded(p["compiled"], p["state"], p["batch"], n)
+    times, _ = bt.time_threaded(p["compiled"], warm, p["batch"], 2 * n)
     nash_every[mode] = {"n": n, "mean_step_s": float(sum(times) / len(times)),
-                        "fresh_step_s": float(max(times)), "reuse_step_s": bu.median(times),
+                        "fresh_step_s": float(max(times)), "reuse_step_s": bt.median(times),
                         "peak_mem_mb": p["memory"].get("peak", float("nan"))}
 
   phase("update_weights_every")
@@ -897,7 +899,8 @@ def _devices_args(p: argparse.ArgumentParser):
 def run_devices(args) -> dict:
   """(internal) One line of JSON: LS and Nash-MTL step seconds on ``--num_devices`` devices."""
   import jax
-  from mtl_jax import bench_utils as bu, combiners
+  from bench import steps as bu, timing as bt
+  from mtl_jax import combiners
   setup = bu.make_setup(args.image_size, args.batch, args.num_tasks, args.width_mult, args.seed)
   mesh = bu.mesh_of(args.num_devices)
   setup.batch = bu.put_batch(setup.batch, mesh)
@@ -905,8 +908,8 @@ def run_devices(args) -> dict:
   fns, t0 = {}, time.perf_counter()
   for label, (name, mode) in {"ls_s": ("ls", "losses"), "nash_mtl_s": ("nash_mtl", "jacobian")}.items():
     step, state = bu.engine_step(setup, combiners.method(name, setup.num_tasks), mode, mesh)
-    compiled, _ = bu.compile_step(step, state, setup.batch, rng)
-    fns[label] = (lambda c=compiled, s=state: c(s, setup.batch, rng))
+    compiled, _ = bt.compile_step(step, state, setup.batch)
+    fns[label] = (lambda c=compiled, s=state: c(s, setup.batch))
   compile_s = time.perf_counter() - t0
   result = {} if args.compile_only else dict(_interleaved(fns, args.repeats), compile_s=compile_s)
   print(json.dumps(result))
@@ -922,7 +925,7 @@ def _compile_args(p: argparse.ArgumentParser):
 def run_compile(args) -> dict:
   """(internal) Compile some of the step benchmark's programs into the persistent cache (the
   parent sets ``JAX_COMPILATION_CACHE_DIR``); prints one line of JSON, label -> seconds."""
-  from mtl_jax import bench_utils as bu
+  from bench import steps as bu, timing as bt
   t0 = time.perf_counter()
   specs = _program_specs(_names(args), args)
   labels = args.labels.split("|")
@@ -934,7 +937,7 @@ def run_compile(args) -> dict:
   out = {"_build": time.perf_counter() - t0}
   for label in labels:
     p = progs[label]
-    _, out[label] = bu.compile_step(p["step"], p["state"], p["batch"], rng, options)
+    _, out[label] = bt.compile_step(p["step"], p["state"], p["batch"], options)
   print(json.dumps(out))
   return out
 

@@ -242,7 +242,7 @@ def make_plateau(config) -> optax.GradientTransformationExtraArgs:
 def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTransformation,
                     mesh, *, mode: str, reduction: str = "exact", multi_input: bool = False,
                     shared_mask=None, constants=None, per_device_batches: bool = False,
-                    layer_gramian: str = "auto"):
+                    layer_gramian: str = "auto", gramian_chunk: int = 1, donate: bool = True):
   """``step(state, batch) -> (state, metrics)``: jitted, SPMD over ``mesh``, state donated.
 
   ``model`` is a :class:`mtl_jax.sharing.MultiTaskModel`; ``shared_mask`` the tree of bools over
@@ -250,7 +250,9 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
   (e.g. sparse-sharing masks), closed over as constants. ``per_device_batches``: every batch leaf
   has a leading device axis of the mesh's size (one self-contained sub-batch per device, as
   :attr:`mtl_jax.data.base.Benchmark.per_device_batches` loaders make for graph batches); each
-  device drops that axis of its slice.
+  device drops that axis of its slice. ``layer_gramian`` and ``gramian_chunk`` go to the engine
+  (:func:`mtl_jax.autodiff.combine`). ``donate=False`` keeps the input state valid after a call
+  (to call the step again on the same state, as a benchmark timing one step does).
   """
   # Host copies: a device array closed over by shard_map must not carry a sharding on the
   # mesh's axes (JAX rejects closing over Explicit-axis arrays); numpy constants embed as-is.
@@ -276,7 +278,8 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
     out = autodiff.combine(method, state.combiner_state, loss_fn, state.params, state.batch_stats,
                            batch, rng, mode=mode, shared_mask=shared_mask, axis_name=AXIS,
-                           reduction=reduction, layer_gramian=layer_gramian)
+                           reduction=reduction, layer_gramian=layer_gramian,
+                           gramian_chunk=gramian_chunk)
     aux = out.aux[0] if mode == "features" else out.aux
     new_bs = jax.tree.map(lambda x: jax.lax.pmean(x, AXIS), aux) if state.batch_stats else {}
     grad = out.update
@@ -308,7 +311,7 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
 
   sharded = jax.shard_map(per_device_sync_bn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
                           check_vma=False)
-  return jax.jit(sharded, donate_argnums=(0,))
+  return jax.jit(sharded, donate_argnums=(0,) if donate else ())
 
 
 def _drop_device_axis(batch):

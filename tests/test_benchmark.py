@@ -4,16 +4,20 @@ import argparse
 import importlib.util
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtl_jax import bench_utils as bu
 from mtl_jax import combiners
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The benchmark harness (launch/bench/) imports as `bench`, as `python launch/benchmark.py` sees it.
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+from bench import malloc, solves, steps as bu  # noqa: E402  pylint: disable=g-import-not-at-top
+from mtl_jax import host_malloc  # noqa: E402  pylint: disable=g-import-not-at-top
 COMBINERS = ("ls", "nash_mtl", "graddrop")  # one of each program kind: own, switch, aggregator
 
 
@@ -151,3 +155,35 @@ def test_switch_method_runs_only_the_selected_weighting():
 def test_switch_method_rejects_mixed_groups():
   with pytest.raises(ValueError, match="one 'needs'"):
     bu.switch_method([combiners.method("ls", 2), combiners.method("mgda", 2)])
+
+
+def test_nash_solve_timing_contract():
+  out = solves.nash_solve_timing(ks=(3,), repeats=2)
+  assert set(out) == {3} and out[3]["kkt_residual"] <= 1e-3 and out[3]["median_ms"] > 0
+
+
+def test_ill_conditioned_gramian_spans_the_stated_diagonal():
+  g = np.asarray(solves.ill_conditioned_gramian(jax.random.key(0), 6, spread=1e8), np.float64)
+  np.testing.assert_allclose(np.sort(np.diag(g)), 1e8 ** np.linspace(0, 1, 6), rtol=1e-4)
+  assert np.all(np.linalg.eigvalsh(g) > -1e-3 * np.max(np.diag(g)))  # a Gramian: PSD
+
+
+def test_gramian_solve_timing_covers_every_gramian_weighting():
+  names = solves.gramian_weightings()
+  assert "nash_mtl" in names and "mgda" in names and "ls" not in names and "graddrop" not in names
+  out = solves.gramian_solve_timing(["nash_mtl", "mgda", "ls"], k=3, repeats=2)
+  assert set(out) == {"nash_mtl", "mgda"} and all(v > 0 for v in out.values())
+
+
+@pytest.mark.skipif(not (os.uname().sysname == "Linux"), reason="glibc only")
+def test_untuned_environ_removes_only_what_was_added_and_stops_the_child_reexec():
+  import platform  # pylint: disable=g-import-not-at-top
+  if platform.libc_ver()[0] != "glibc":
+    pytest.skip("glibc only")
+  env = host_malloc.tuned_environ({"JAX_PLATFORMS": "cpu",
+                                   "GLIBC_TUNABLES": "glibc.malloc.arena_max=8"})
+  child = malloc.untuned_environ(env)
+  assert child["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=8"  # the user's own setting stays
+  assert host_malloc.tuned_environ(child) is None  # a launcher in the child does not re-exec
+  tuned = host_malloc.tuned_environ({"JAX_PLATFORMS": "cpu"})
+  assert "GLIBC_TUNABLES" not in malloc.untuned_environ(tuned)
