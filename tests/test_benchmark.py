@@ -35,7 +35,7 @@ def _run_report(out):
   # subprocess); one combiner of each program kind; K=2 beside K=3 for the step-vs-K scaling.
   mod.main([f"--out={out}", "--image_size=8", "--batch=4", "--num_tasks=3", "--width_mult=0.0625",
             "--repeats=1", "--ref_repeats=1", f"--combiners={','.join(COMBINERS)}", "--devices=1", "--step_ks=2",
-            "--nash_ks=2,3", "--nash_repeats=2", "--update_weights_every=2",
+            "--nash_ks=2,3", "--nash_repeats=2", "--solve_k=3", "--update_weights_every=2",
             "--compile_workers=1", "--compiler_option=xla_backend_optimization_level=0"])
   with open(out) as f:
     return json.load(f)
@@ -87,6 +87,8 @@ def test_step_benchmark_rows_schema_nash_scaling_and_checks(tmp_path):
   assert all(v > 0 for v in report["nash_solve_ms"].values())
   assert all(v["kkt_residual"] <= 1e-3 for v in report["nash_solve"].values())
   assert set(report["scaling_k"]) == {"2", "3"}
+  assert report["gramian_solve_ms"]["k"] == 3
+  assert set(report["gramian_solve_ms"]["ms"]) == {"nash_mtl"}  # the one Gramian weighting run
   assert set(report["scaling_devices"]) == {"1"}
   assert set(report["nash_update_weights_every"]) == {"jacobian"}  # --every_modes default
   names = [c["name"] for c in report["checks"]]
