@@ -15,7 +15,7 @@ scaling with K and with forced CPU device counts (subprocesses with
 with their measured ratios (a verdict only at the default sizes they were set for, ``BOUND_SIZES``); ``--out`` writes ``{rows: [{combiner, mode, step_s, ratio_to_ls,
 ratio_to_jacobian, peak_mem_mb, ...}], nash_solve_ms: {K: ms}, references, checks, ...}``.
 Weightings that share needs and task-specific rule share one compiled step per mode
-(:func:`mtl_jax.bench_utils.switch_method`); the gramian/jacobian-mode rows are timed
+(:func:`bench.steps.switch_method`, ``launch/bench/``); the gramian/jacobian-mode rows are timed
 ``--heavy_repeats`` times (default once) each, the references ``--repeats`` times, interleaved.
 The weightings' jacobian mode taps the layers where that is cheaper (``--layer_gramian``,
 :mod:`mtl_jax.taps`; ``layer_taps`` lists them); ``--untapped_reference`` also times the exact
@@ -238,6 +238,7 @@ BOUNDS = {
     "gramian_weighting_overhead": 1.05,  # fused jacobian-mode step / Jacobian-only step
     "nash_solve_ms_k40": 2.5,
     "nash_kkt_residual": 1e-3,
+    "gramian_solve_ms_k40": 5.0,  # issue 16: every Gramian weighting on ill-conditioned K=40
     "gramian_mode_memory": 1.5,  # gramian-mode peak / LS peak
     "features_mode_time": 1.5,  # features-mode step / LS step
     "nash_exact_step": 1.05,  # Nash-MTL (jacobian mode) / Jacobian-only
@@ -247,7 +248,7 @@ BOUNDS = {
 # The sizes the bounds were set for (the defaults below). At other sizes the figures are printed
 # without a verdict (``ok`` None): a tiny model's step is dominated by overheads the bounds ignore.
 # The solve bounds (``sized=False``) depend on K=40 only, not on the model.
-BOUND_SIZES = {"image_size": 32, "batch": 16, "num_tasks": 40, "width_mult": 1.0}
+BOUND_SIZES = {"image_size": 32, "batch": 16, "num_tasks": 40, "width_mult": 1.0, "solve_k": 40}
 HEAVY_MODES = ("gramian", "jacobian")
 # Estimated compile seconds of a program (2-core CPU, CelebA CNN, K=40), for sharing the programs
 # out to the compile workers; "devices" is the forced-device subprocess's two programs.
@@ -293,6 +294,9 @@ def _step_args(p: argparse.ArgumentParser):
                  help="task counts for the step-vs-K scaling of the Jacobian-only step")
   p.add_argument("--nash_ks", default="2,4,8,16,32,40,64")
   p.add_argument("--nash_repeats", type=int, default=20)
+  p.add_argument("--solve_k", type=int, default=40,
+                 help="K of every Gramian weighting's solve-time row (ill-conditioned Gramians, "
+                 "diagonal 1e0..1e8; its 5 ms bound applies at 40 only)")
   p.add_argument("--compile_workers", type=int, default=2,
                  help="processes that compile the programs into JAX's persistent compilation cache "
                  "while this one traces them; this process then loads them from the cache (0: "
@@ -323,12 +327,13 @@ def _program_specs(names, args) -> dict:
   ``k`` tasks. Cheap (no model): the compile workers are planned and started from it.
 
   Weightings that the engine runs alike (one ``needs`` and ``specific``) share one program per mode
-  through :func:`mtl_jax.bench_utils.switch_method`: compilation, not running, is most of this
+  through :func:`bench.steps.switch_method`: compilation, not running, is most of this
   benchmark's time on a CPU. Each Jacobian aggregator has its own program (its memory is its own).
   LS has its own program (the reference of the loss-based rows and of the plain-step bound);
   the exact Nash-MTL reference is its row in the jacobian-mode switch program.
   """
-  from mtl_jax import bench_utils as bu, combiners
+  from bench import steps as bu, timing as bt
+  from mtl_jax import combiners
   k = int(args.num_tasks)
   specs = {}
 
@@ -385,7 +390,7 @@ def _build(args, specs: dict, labels=None):
   """``(setup, mesh, rng, programs)``: the programs of ``specs`` (or of ``labels`` only) built
   alike in every process -- ``{label: spec + dict(step, state, batch)}``."""
   import jax
-  from mtl_jax import bench_utils as bu
+  from bench import steps as bu, timing as bt
   mesh = bu.mesh_of(1)
   setups = {}
 
@@ -465,10 +470,10 @@ def _start_workers(specs, args, cache_dir):
   function that waits for them and returns ``(compile seconds by label, worker setup seconds,
   device-program compile seconds)``."""
   from concurrent.futures import ThreadPoolExecutor
-  from mtl_jax import host_malloc
+  from bench import malloc
   # Workers run without this process's single-arena malloc (mtl_jax.host_malloc): XLA compiles on
   # a thread pool, and under one arena its threads contend (18 s vs 13 s per step program).
-  env = _cache_environ(host_malloc.untuned_environ(), cache_dir)
+  env = _cache_environ(malloc.untuned_environ(), cache_dir)
   devices = [(COMPILE_COST["devices"], ("devices", nd)) for nd in _csv(args.devices, int)
              if nd > 1]
   plan = _assign(specs, args.compile_workers, devices)
@@ -511,14 +516,14 @@ def _compile_all(progs, rng, options, wait_for_workers=None):
   """Compile every program: trace each here, then (with workers) wait for them to put the
   executables into the persistent cache and load them from it. Returns the compile report."""
   import jax
-  from mtl_jax import bench_utils as bu
+  from bench import steps as bu, timing as bt
   t0 = time.perf_counter()
   hits = []
   listener = lambda event, **kw: hits.append(event) if event.endswith("/cache_hits") else None
   jax.monitoring.register_event_listener(listener)
   try:
     for p in progs.values():  # trace while the workers compile
-      p["lowered"] = p["step"].lower(p["state"], p["batch"], rng)
+      p["lowered"] = p["step"].lower(p["state"], p["batch"])
     worker_s, builds, device_s = wait_for_workers() if wait_for_workers else ({}, [], {})
     wait_s = time.perf_counter() - t0
     load_s = {}
@@ -526,7 +531,7 @@ def _compile_all(progs, rng, options, wait_for_workers=None):
       t = time.perf_counter()
       compiled = p.pop("lowered").compile(compiler_options=options or None)
       load_s[label] = time.perf_counter() - t
-      p.update(compiled=compiled, memory=bu.memory_mb(compiled),
+      p.update(compiled=compiled, memory=bt.memory_mb(compiled),
                compile_s=worker_s.get(label) or load_s[label])
   finally:
     jax.monitoring.unregister_event_listener(listener)
@@ -537,26 +542,26 @@ def _compile_all(progs, rng, options, wait_for_workers=None):
 
 def _select(prog, index):
   """The program's state with the switch index set to ``index`` (None: its own method)."""
-  from mtl_jax import bench_utils as bu
+  from bench import steps as bu, timing as bt
   state = prog["state"]
   if index is None:
     return state
-  return state._replace(combiner_state=bu.select(state.combiner_state, index))
+  return bu.select(state, index)
 
 
 def _interleaved(fns: dict, repeats: int, calls: Optional[dict] = None) -> dict:
   """Median seconds of each callable, timed round-robin (A/B interleaved) after one warm-up each;
   every call's seconds go to ``calls`` when given."""
-  from mtl_jax import bench_utils as bu
+  from bench import steps as bu, timing as bt
   for fn in fns.values():
-    bu.block(fn())
+    bt.block(fn())
   times = {name: [] for name in fns}
   for _ in range(max(int(repeats), 1)):
     for name, fn in fns.items():
-      times[name] += bu.time_calls(fn, 1, warmup=0)
+      times[name] += bt.time_calls(fn, 1, warmup=0)
   if calls is not None:
     calls.update(times)
-  return {name: bu.median(t) for name, t in times.items()}
+  return {name: bt.median(t) for name, t in times.items()}
 
 
 def _check(checks, name, value, bound, lower_is_better=True, note="", sized=True):
@@ -581,7 +586,7 @@ def _format_check(c) -> str:
 
 
 def step_benchmark(args) -> dict:
-  from mtl_jax.combiners import _nash_mtl as nash_module  # pylint: disable=g-import-not-at-top
+  from bench import solves as nash_module  # pylint: disable=g-import-not-at-top
 
   t_start = time.perf_counter()
   load_before = os.getloadavg()
@@ -615,10 +620,11 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
              t_start, nash_module):
   import jax
   import jax.numpy as jnp
-  from mtl_jax import bench_utils as bu, combiners
+  from bench import steps as bu, timing as bt
+  from mtl_jax import combiners
   k = setup.num_tasks
   run = lambda label, state=None: (
-      lambda: progs[label]["compiled"](state or progs[label]["state"], progs[label]["batch"], rng))
+      lambda: progs[label]["compiled"](state or progs[label]["state"], progs[label]["batch"]))
 
   # References, interleaved: plain flax, LS, Jacobian-only, exact Nash-MTL (jacobian mode).
   ref_fns = {label: run(label) for label in ("plain", "ls", "jacobian_only")}
@@ -669,7 +675,7 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
     # are divided by the interleaved reference.
     bound = label.startswith("switch:") and label.endswith("/jacobian")
     ref_times = []
-    time_ref = lambda: ref_times.extend(bu.time_calls(run("jacobian_only"), 1, warmup=0))
+    time_ref = lambda: ref_times.extend(bt.time_calls(run("jacobian_only"), 1, warmup=0))
     pending = []
     timed = [r for r in p["rows"] if (r[0], r[1]) != ("nash_mtl", "jacobian")]  # Nash: above
     if bound and timed:
@@ -677,15 +683,15 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
     for i, (combiner, mode, index) in enumerate(timed):
       state = _select(p, index)
       if not warmed:
-        bu.block(run(label, state)())
-      f0 = bu.minor_faults()
-      times = bu.time_calls(run(label, state), reps, warmup=0)
-      faults = (bu.minor_faults() - f0) // max(int(reps), 1)
+        bt.block(run(label, state)())
+      f0 = bt.minor_faults()
+      times = bt.time_calls(run(label, state), reps, warmup=0)
+      faults = (bt.minor_faults() - f0) // max(int(reps), 1)
       warmed = True
-      pending.append((combiner, mode, bu.median(times), faults))
+      pending.append((combiner, mode, bt.median(times), faults))
       if bound and (i % 4 == 3 or i == len(timed) - 1):
         time_ref()
-    jac_ref = bu.median(ref_times) if ref_times else None
+    jac_ref = bt.median(ref_times) if ref_times else None
     for combiner, mode, step_s, faults in pending:
       add_row(combiner, mode, step_s, label, reps, jac_ref, faults)
       print(f"  {combiner:<12} {mode:<9} {step_s:8.3f} s"
@@ -699,17 +705,17 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
   jac = jax.jit(lambda j: jax.tree.map(lambda x: jnp.moveaxis(x, 0, -1), j))(jac)
   gram_fn = jax.jit(lambda j: combiners.base.gramian_of(j, setup.mask, task_axis=-1))
   gram = gram_fn(jac)
-  gramian_ms = 1e3 * bu.median(bu.time_calls(lambda: gram_fn(jac), args.repeats))
+  gramian_ms = 1e3 * bt.median(bt.time_calls(lambda: gram_fn(jac), args.repeats))
   ls_method = combiners.method("ls", k)
   sum_fn = jax.jit(lambda w, j: combiners.base.combine_jacobian(ls_method, w, j, setup.mask,
                                                                 task_axis=-1))
-  combine_ms = 1e3 * bu.median(bu.time_calls(lambda: sum_fn(jnp.ones((k,)), jac), args.repeats))
+  combine_ms = 1e3 * bt.median(bt.time_calls(lambda: sum_fn(jnp.ones((k,)), jac), args.repeats))
   del jac
   weigh = {}
   for n in names:
     m = combiners.method(n, k)
     if m.is_weighting and m.needs == combiners.base.GRAMIAN:
-      weigh[n] = bu.weigh_ms(m, setup.params, gram, losses)
+      weigh[n] = nash_module.weigh_ms(m, setup.params, gram, losses)
   for row in rows:
     if row["combiner"] in weigh:
       row["weigh_ms"] = weigh[row["combiner"]]
@@ -724,16 +730,17 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
       continue
     p = progs[label]
     # One warm-up cycle (a fresh and n-1 reusing steps: both branches run once), then 2n steps.
-    _, warm = bu.time_threaded(p["compiled"], p["state"], p["batch"], rng, n)
-    times, _ = bu.time_threaded(p["compiled"], warm, p["batch"], rng, 2 * n)
+    _, warm = bt.time_threaded(p["compiled"], p["state"], p["batch"], n)
+    times, _ = bt.time_threaded(p["compiled"], warm, p["batch"], 2 * n)
     nash_every[mode] = {"n": n, "mean_step_s": float(sum(times) / len(times)),
-                        "fresh_step_s": float(max(times)), "reuse_step_s": bu.median(times),
+                        "fresh_step_s": float(max(times)), "reuse_step_s": bt.median(times),
                         "peak_mem_mb": p["memory"].get("peak", float("nan"))}
 
   phase("update_weights_every")
   # Nash-MTL's solve alone.
   solve = nash_module.nash_solve_timing(_csv(args.nash_ks, int), repeats=args.nash_repeats)
   nash_solve_ms = {str(kk): v["median_ms"] for kk, v in solve.items()}
+  gramian_solve = nash_module.gramian_solve_timing(names, k=args.solve_k)
 
   phase("Nash-MTL solve")
   # Scaling with K (programs compiled with the others) and with the device count (subprocesses,
@@ -765,6 +772,9 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
            sized=False)
     _check(checks, "Nash-MTL solve K=40 relative KKT residual", s40["kkt_residual"],
            BOUNDS["nash_kkt_residual"], sized=False)
+  for c, ms in gramian_solve.items():
+    _check(checks, f"{c}: weighting at K={args.solve_k}, ill-conditioned Gramian (ms)", ms,
+           BOUNDS["gramian_solve_ms_k40"])
   gram_rows = [r for r in rows if r["mode"] == "gramian"]
   if gram_rows:
     worst = max(r["peak_mem_mb"] for r in gram_rows)
@@ -813,6 +823,7 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
       "weigh_ms": weigh,
       "nash_solve_ms": nash_solve_ms,
       "nash_solve": {str(kk): v for kk, v in solve.items()},
+      "gramian_solve_ms": {"k": args.solve_k, "ms": gramian_solve},
       "nash_update_weights_every": nash_every,
       "scaling_k": scaling_k,
       "scaling_devices": scaling_devices,
@@ -897,7 +908,8 @@ def _devices_args(p: argparse.ArgumentParser):
 def run_devices(args) -> dict:
   """(internal) One line of JSON: LS and Nash-MTL step seconds on ``--num_devices`` devices."""
   import jax
-  from mtl_jax import bench_utils as bu, combiners
+  from bench import steps as bu, timing as bt
+  from mtl_jax import combiners
   setup = bu.make_setup(args.image_size, args.batch, args.num_tasks, args.width_mult, args.seed)
   mesh = bu.mesh_of(args.num_devices)
   setup.batch = bu.put_batch(setup.batch, mesh)
@@ -905,8 +917,8 @@ def run_devices(args) -> dict:
   fns, t0 = {}, time.perf_counter()
   for label, (name, mode) in {"ls_s": ("ls", "losses"), "nash_mtl_s": ("nash_mtl", "jacobian")}.items():
     step, state = bu.engine_step(setup, combiners.method(name, setup.num_tasks), mode, mesh)
-    compiled, _ = bu.compile_step(step, state, setup.batch, rng)
-    fns[label] = (lambda c=compiled, s=state: c(s, setup.batch, rng))
+    compiled, _ = bt.compile_step(step, state, setup.batch)
+    fns[label] = (lambda c=compiled, s=state: c(s, setup.batch))
   compile_s = time.perf_counter() - t0
   result = {} if args.compile_only else dict(_interleaved(fns, args.repeats), compile_s=compile_s)
   print(json.dumps(result))
@@ -922,7 +934,7 @@ def _compile_args(p: argparse.ArgumentParser):
 def run_compile(args) -> dict:
   """(internal) Compile some of the step benchmark's programs into the persistent cache (the
   parent sets ``JAX_COMPILATION_CACHE_DIR``); prints one line of JSON, label -> seconds."""
-  from mtl_jax import bench_utils as bu
+  from bench import steps as bu, timing as bt
   t0 = time.perf_counter()
   specs = _program_specs(_names(args), args)
   labels = args.labels.split("|")
@@ -934,7 +946,7 @@ def run_compile(args) -> dict:
   out = {"_build": time.perf_counter() - t0}
   for label in labels:
     p = progs[label]
-    _, out[label] = bu.compile_step(p["step"], p["state"], p["batch"], rng, options)
+    _, out[label] = bt.compile_step(p["step"], p["state"], p["batch"], options)
   print(json.dumps(out))
   return out
 
@@ -963,6 +975,9 @@ def format_step_report(report: dict) -> str:
                  f"{r['ratio_to_jacobian']:8.3f}{r['peak_mem_mb']:10.0f}{w}")
   lines.append("Nash-MTL solve (ms): " + ", ".join(
       f"K={kk}: {v:.2f}" for kk, v in report["nash_solve_ms"].items()))
+  gs = report["gramian_solve_ms"]
+  lines.append(f"Gramian weightings at K={gs['k']}, diagonal 1e0..1e8 (ms): " + ", ".join(
+      f"{c} {v:.2f}" for c, v in sorted(gs["ms"].items(), key=lambda kv: -kv[1])))
   for mode, e in report["nash_update_weights_every"].items():
     lines.append(f"Nash-MTL update_weights_every={e['n']} ({mode}): mean {e['mean_step_s']:.3f} s/step"
                  f" (fresh {e['fresh_step_s']:.3f} s, reuse {e['reuse_step_s']:.3f} s)")

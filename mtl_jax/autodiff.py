@@ -9,21 +9,21 @@ Modes (:func:`combine`):
 
 * ``losses``: the losses, the weights from them, and one backward pass of ``sum_k w_k L_k``.
 * ``jacobian``: the per-task gradients as ``jax.vmap`` of one VJP over the K one-hot cotangents
-  (the fast Jacobian on XLA; ``lax.map`` over VJPs measured ~25x slower on CPU), the Gramian of its
+  (the fast Jacobian on XLA, much faster than ``lax.map`` over VJPs), the Gramian of its
   shared rows, the weights, and ``sum_k w_k g_k`` from the held Jacobian. For weightings
   (``layer_gramian='auto'``, the default) the shared dense and convolution layers where it is
   cheaper are *tapped* (:mod:`mtl_jax.taps`): their share of the Gramian comes from the layer's
   input and its K output cotangents, their update is one kernel gradient, and their K per-task
-  kernel gradients are never formed (CelebA CNN, K=40: the exact Nash-MTL step 0.83x the
-  Jacobian-only step instead of 1.11x, half its memory; ``docs/performance.md``).
+  kernel gradients are never formed (cheaper than the Jacobian itself, with about half its
+  memory on the CelebA CNN; figures in ``docs/performance.md``).
 * ``gramian``: the Gramian without the K x P Jacobian: for each block of ``gramian_chunk`` tasks
   (default 1, one ``lax.scan`` step each) the rows ``J_a`` (VJPs) are pushed forward (JVPs of a
   forward-mode linearisation of the loss) to give ``G[:, a] = J J_a^T``; only ``gramian_chunk``
   rows ever exist. The update is one more VJP with the weights. Memory ~ one backward pass plus
   ``gramian_chunk`` gradients; arithmetic ~2x the vmapped Jacobian (one JVP per task on top of the
   VJP). The linearisation is traced with plain convolutions and the VJPs with the canonical-layout
-  ones of :mod:`mtl_jax.layers` (JAX's transposed convolutions run ~20x slower inside a loop
-  on XLA-CPU). Measured in ``launch/benchmark.py`` (``docs/performance.md``): the ``jacobian`` mode
+  ones of :mod:`mtl_jax.layers` (JAX's transposed convolutions fall back to a naive loop inside
+  a loop body on XLA-CPU). Measured in ``launch/benchmark.py`` (``docs/performance.md``): the ``jacobian`` mode
   is the fast one, this the lean one.
 * ``features``: the Jacobian of the losses w.r.t. the shared representation ``z`` (K x B x D,
   the decoder's backward only), its Gramian, the weights, then one backward pass through the
@@ -312,7 +312,7 @@ def _linearise(method, loss_fn, params, args, opts: Options) -> Linear:
   if opts.mode == "gramian":
     # The JVPs come from a forward-mode linearisation traced with plain convolutions, the VJPs
     # from reverse mode with canonical-layout ones (mtl_jax.layers: inside the streaming loop
-    # JAX's own transposed convolutions run ~20x slower on XLA-CPU). The price is a second
+    # JAX's own transposed convolutions fall back to a naive loop on XLA-CPU). The price is a second
     # forward pass and its residuals.
     with layers.tracing(forward_mode=True):
       _, jvp, _ = jax.linearize(lambda p: loss_fn(p, *args), params, has_aux=True)

@@ -2,17 +2,17 @@
 
 XLA-CPU allocates a step's temporaries (2-4 GB for the 40-task Jacobian of the CelebA CNN) with
 ``malloc`` on every call. glibc serves blocks above 32 MiB with a fresh ``mmap`` and returns them
-with ``munmap``, so every step page-faults its whole working set again: measured on the 2-core
-machine, one million minor faults and ~2 s of kernel time per 5.6 s Jacobian step, with ±15%
-step-to-step noise. With the tunables below (one arena, no ``mmap`` below 4 GiB, no trimming,
-transparent huge pages for the heap) the same step runs in 3.4 s with no page fault after the first
-and ±1% noise. The price: the process keeps its peak heap mapped (what the next step needs anyway).
+with ``munmap``, so every step page-faults its whole working set again (about a million minor
+faults per step of the benchmark's Jacobian; ``docs/performance.md`` has the figures). With the
+tunables below (one arena, no ``mmap`` below 4 GiB, no trimming, transparent huge pages for the
+heap) no page fault follows the first step. The price: the process keeps its peak heap mapped (what
+the next step needs anyway).
 
 glibc reads ``GLIBC_TUNABLES`` only at process start, so the launchers re-execute themselves once
 with it set (:func:`reexec_if_useful`); a test runner can export it for its workers
 (:func:`tuned_environ`). Nothing happens off Linux/glibc, on accelerator runs (``JAX_PLATFORMS``
 naming something other than cpu, or a CUDA/ROCm/TPU plugin installed and ``JAX_PLATFORMS`` unset),
-when ``MTL_JAX_MALLOC=0``, or for tunables the user already set (theirs win).
+when the switch ``MTL_JAX_MALLOC=0`` is set, or for tunables the user already set (theirs win).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ TUNABLES = (
     ("glibc.malloc.trim_threshold", str(16 << 30)),
     ("glibc.malloc.hugetlb", "1"),
 )
-OPT_OUT = "MTL_JAX_MALLOC"  # "0": leave malloc alone
-_DONE = "MTL_JAX_MALLOC_APPLIED"
+SWITCH = "MTL_JAX_MALLOC"  # the one switch: "0" leaves malloc alone
+APPLIED = "MTL_JAX_MALLOC_APPLIED"  # set by tuned_environ: the tunables it added
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
                         "jax_rocm7_plugin", "libtpu")
 
@@ -45,31 +45,15 @@ def _runs_on_cpu(environ: Mapping[str, str]) -> bool:
 def tuned_environ(environ: Optional[Mapping[str, str]] = None) -> Optional[dict]:
   """``environ`` with the tunables merged into ``GLIBC_TUNABLES``, or None when not applicable."""
   environ = dict(os.environ if environ is None else environ)
-  if (environ.get(OPT_OUT, "1") == "0" or environ.get(_DONE) or platform.system() != "Linux"
+  if (environ.get(SWITCH, "1") == "0" or environ.get(APPLIED) or platform.system() != "Linux"
       or platform.libc_ver()[0] != "glibc" or not _runs_on_cpu(environ)):
     return None
   current = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
   keys = {t.split("=", 1)[0] for t in current}
   added = [f"{key}={value}" for key, value in TUNABLES if key not in keys]
-  environ[_DONE] = ":".join(added) or "none"  # what this module added (untuned_environ)
+  environ[APPLIED] = ":".join(added) or "none"  # what was added (a child can remove it)
   if added:
     environ["GLIBC_TUNABLES"] = ":".join(current + added)
-  return environ
-
-
-def untuned_environ(environ: Optional[Mapping[str, str]] = None) -> dict:
-  """``environ`` without the tunables this module added, for a child that should not get them.
-
-  A compiling child, for one: XLA's compiler runs LLVM on a thread pool whose ``malloc``s contend
-  for the single arena (one CelebA-CNN step program compiles in 18 s under the tunables, 13 s
-  without). The child is marked so that a launcher it runs does not re-execute itself.
-  """
-  environ = dict(os.environ if environ is None else environ)
-  added = set(environ.pop(_DONE, "").split(":")) - {"", "none", "1"}
-  kept = [t for t in environ.pop("GLIBC_TUNABLES", "").split(":") if t and t not in added]
-  if kept:
-    environ["GLIBC_TUNABLES"] = ":".join(kept)
-  environ[OPT_OUT] = "0"
   return environ
 
 

@@ -25,8 +25,8 @@ dimensions (the input gradient reads the kernel as ``HWOI``, the kernel gradient
 activations with batch and feature swapped) and leave it to XLA's ``ConvCanonicalization`` pass to
 insert the transposes. That pass visits the entry computation only: a backward pass inside a loop
 body -- the engine's streamed ``gramian`` mode computes one task's gradient per iteration of a
-``lax.scan`` -- falls back to a naive convolution loop. Measured on 2 CPU cores, the CelebA CNN at
-32x32, batch 16: one VJP at top level 0.19 s, the same VJP inside ``lax.scan`` 4.0 s.
+``lax.scan`` -- falls back to a naive convolution loop, about twenty times slower
+(``docs/performance.md``).
 
 :func:`conv_general_dilated` is a drop-in for ``jax.lax.conv_general_dilated`` (flax's ``nn.Conv``
 takes it as its ``conv_general_dilated`` attribute) with a ``custom_vjp`` whose backward pass
@@ -38,9 +38,7 @@ and kernel dilation, no input dilation, one feature group -- and calls
 relabel dimensions again): code that needs forward mode traces under
 ``tracing(forward_mode=True)``, where this function is ``jax.lax.conv_general_dilated`` itself --
 the engine's ``gramian`` mode linearises the loss that way for its JVPs and takes its VJPs outside
-it. Measured (same setting):
-one task gradient per ``lax.scan`` iteration 0.09 s instead of 4.0 s, and one VJP at top level
-0.15 s instead of 0.19 s.
+it. The figures are in ``docs/performance.md``.
 """
 
 from __future__ import annotations

@@ -242,7 +242,8 @@ def make_plateau(config) -> optax.GradientTransformationExtraArgs:
 def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTransformation,
                     mesh, *, mode: str, reduction: str = "exact", multi_input: bool = False,
                     shared_mask=None, constants=None, per_device_batches: bool = False,
-                    layer_gramian: str = "auto", fixed_order: bool = False):
+                    layer_gramian: str = "auto", fixed_order: bool = False,
+                    gramian_chunk: int = 1, donate: bool = True):
   """``step(state, batch) -> (state, metrics)``: jitted, SPMD over ``mesh``, state donated.
 
   ``model`` is a :class:`mtl_jax.sharing.MultiTaskModel`; ``shared_mask`` the tree of bools over
@@ -254,6 +255,9 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
   :func:`mtl_jax.autodiff.device_mean` (all-gather, sum in device order: bit-identical for any
   split of the devices into processes), except the batch statistics that synchronised batch norm
   normalises with inside the step (flax's ``nn.BatchNorm`` averages them with its own ``pmean``).
+  ``layer_gramian`` and ``gramian_chunk`` go to the engine (:func:`mtl_jax.autodiff.combine`).
+  ``donate=False`` keeps the input state valid after a call (to call the step again on the same
+  state, as a benchmark timing one step does).
   """
   # Host copies: a device array closed over by shard_map must not carry a sharding on the
   # mesh's axes (JAX rejects closing over Explicit-axis arrays); numpy constants embed as-is.
@@ -283,7 +287,7 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
     out = autodiff.combine(method, state.combiner_state, loss_fn, state.params, state.batch_stats,
                            batch, rng, mode=mode, shared_mask=shared_mask, axis_name=AXIS,
                            reduction=reduction, layer_gramian=layer_gramian,
-                           fixed_order=fixed_order)
+                           fixed_order=fixed_order, gramian_chunk=gramian_chunk)
     aux = out.aux[0] if mode == "features" else out.aux
     new_bs = mean(aux) if state.batch_stats else {}
     grad = out.update
@@ -315,7 +319,7 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
 
   sharded = jax.shard_map(per_device_sync_bn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
                           check_vma=False)
-  return jax.jit(sharded, donate_argnums=(0,))
+  return jax.jit(sharded, donate_argnums=(0,) if donate else ())
 
 
 def _drop_device_axis(batch):

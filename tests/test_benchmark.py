@@ -4,16 +4,20 @@ import argparse
 import importlib.util
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtl_jax import bench_utils as bu
 from mtl_jax import combiners
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The benchmark harness (launch/bench/) imports as `bench`, as `python launch/benchmark.py` sees it.
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+from bench import malloc, solves, steps as bu  # noqa: E402  pylint: disable=g-import-not-at-top
+from mtl_jax import host_malloc  # noqa: E402  pylint: disable=g-import-not-at-top
 COMBINERS = ("ls", "nash_mtl", "graddrop")  # one of each program kind: own, switch, aggregator
 
 
@@ -31,7 +35,7 @@ def _run_report(out):
   # subprocess); one combiner of each program kind; K=2 beside K=3 for the step-vs-K scaling.
   mod.main([f"--out={out}", "--image_size=8", "--batch=4", "--num_tasks=3", "--width_mult=0.0625",
             "--repeats=1", "--ref_repeats=1", f"--combiners={','.join(COMBINERS)}", "--devices=1", "--step_ks=2",
-            "--nash_ks=2,3", "--nash_repeats=2", "--update_weights_every=2",
+            "--nash_ks=2,3", "--nash_repeats=2", "--solve_k=3", "--update_weights_every=2",
             "--compile_workers=1", "--compiler_option=xla_backend_optimization_level=0"])
   with open(out) as f:
     return json.load(f)
@@ -83,6 +87,8 @@ def test_step_benchmark_rows_schema_nash_scaling_and_checks(tmp_path):
   assert all(v > 0 for v in report["nash_solve_ms"].values())
   assert all(v["kkt_residual"] <= 1e-3 for v in report["nash_solve"].values())
   assert set(report["scaling_k"]) == {"2", "3"}
+  assert report["gramian_solve_ms"]["k"] == 3
+  assert set(report["gramian_solve_ms"]["ms"]) == {"nash_mtl"}  # the one Gramian weighting run
   assert set(report["scaling_devices"]) == {"1"}
   assert set(report["nash_update_weights_every"]) == {"jacobian"}  # --every_modes default
   names = [c["name"] for c in report["checks"]]
@@ -151,3 +157,35 @@ def test_switch_method_runs_only_the_selected_weighting():
 def test_switch_method_rejects_mixed_groups():
   with pytest.raises(ValueError, match="one 'needs'"):
     bu.switch_method([combiners.method("ls", 2), combiners.method("mgda", 2)])
+
+
+def test_nash_solve_timing_contract():
+  out = solves.nash_solve_timing(ks=(3,), repeats=2)
+  assert set(out) == {3} and out[3]["kkt_residual"] <= 1e-3 and out[3]["median_ms"] > 0
+
+
+def test_ill_conditioned_gramian_spans_the_stated_diagonal():
+  g = np.asarray(solves.ill_conditioned_gramian(jax.random.key(0), 6, spread=1e8), np.float64)
+  np.testing.assert_allclose(np.sort(np.diag(g)), 1e8 ** np.linspace(0, 1, 6), rtol=1e-4)
+  assert np.all(np.linalg.eigvalsh(g) > -1e-3 * np.max(np.diag(g)))  # a Gramian: PSD
+
+
+def test_gramian_solve_timing_covers_every_gramian_weighting():
+  names = solves.gramian_weightings()
+  assert "nash_mtl" in names and "mgda" in names and "ls" not in names and "graddrop" not in names
+  out = solves.gramian_solve_timing(["nash_mtl", "mgda", "ls"], k=3, repeats=2)
+  assert set(out) == {"nash_mtl", "mgda"} and all(v > 0 for v in out.values())
+
+
+@pytest.mark.skipif(not (os.uname().sysname == "Linux"), reason="glibc only")
+def test_untuned_environ_removes_only_what_was_added_and_stops_the_child_reexec():
+  import platform  # pylint: disable=g-import-not-at-top
+  if platform.libc_ver()[0] != "glibc":
+    pytest.skip("glibc only")
+  env = host_malloc.tuned_environ({"JAX_PLATFORMS": "cpu",
+                                   "GLIBC_TUNABLES": "glibc.malloc.arena_max=8"})
+  child = malloc.untuned_environ(env)
+  assert child["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=8"  # the user's own setting stays
+  assert host_malloc.tuned_environ(child) is None  # a launcher in the child does not re-exec
+  tuned = host_malloc.tuned_environ({"JAX_PLATFORMS": "cpu"})
+  assert "GLIBC_TUNABLES" not in malloc.untuned_environ(tuned)

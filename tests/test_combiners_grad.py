@@ -17,7 +17,7 @@ from mtl_jax.combiners._gradvac import gradvac_coefficients
 from mtl_jax.combiners._imtl import imtl_g_weights
 from mtl_jax.combiners._mgda import min_norm_weights
 from mtl_jax.combiners._qp import project_simplex
-from mtl_jax.combiners._nash_mtl import kkt_residual, nash_solve_timing, solve
+from mtl_jax.combiners._nash_mtl import kkt_residual, solve
 from mtl_jax.combiners._pcgrad import pcgrad_coefficients
 
 SETTINGS = settings(max_examples=8, deadline=None)
@@ -358,10 +358,6 @@ def test_nash_mtl_permutation_equivariant_and_degenerate():
     w, s = m_weigh(bad, jnp.ones(3), m.init(None))
     assert np.all(np.isfinite(w)) and np.all(np.isfinite(s.alpha))
 
-
-def test_nash_solve_timing_contract():
-  out = nash_solve_timing(ks=(3,), repeats=2)
-  assert set(out) == {3} and out[3]["kkt_residual"] <= 1e-3 and out[3]["median_ms"] > 0
 
 
 # -------------------------------------------------------------------------------------- GradDrop

@@ -47,13 +47,3 @@ def test_reexec_sets_the_tunables_for_the_new_process(tmp_path):
                        text=True, check=True).stdout
   assert "glibc.malloc.arena_max=1" in out and "['--flag=1']" in out
 
-
-@needs_glibc
-def test_untuned_environ_removes_only_what_was_added_and_stops_the_child_reexec():
-  env = host_malloc.tuned_environ({"JAX_PLATFORMS": "cpu",
-                                   "GLIBC_TUNABLES": "glibc.malloc.arena_max=8"})
-  child = host_malloc.untuned_environ(env)
-  assert child["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=8"  # the user's own setting stays
-  assert host_malloc.tuned_environ(child) is None  # a launcher in the child does not re-exec
-  tuned = host_malloc.tuned_environ({"JAX_PLATFORMS": "cpu"})
-  assert "GLIBC_TUNABLES" not in host_malloc.untuned_environ(tuned)

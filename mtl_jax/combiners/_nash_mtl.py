@@ -29,9 +29,9 @@ self-concordant function ``f(b) = b^T C b / 2 - sum_k log b_k``, so
   quadratically), ``optim_niter`` iterations, a K x K Cholesky each; no jaxopt needed.
 
 Both are warm-started from the previous solution (kept in the state, like the official
-``prvs_alpha``; initial value ones as in the official code) and run inside ``jax.jit``. Measured on
-this 2-core CPU (``nash_solve_timing``): K=40, cold start, ~0.4 ms (jaxopt) / ~0.2 ms (newton) per solve,
-relative KKT residual ``||G a - 1/a|| / ||1/a||`` ~2e-6 (official cvxpy: ~240 ms).
+``prvs_alpha``; initial value ones as in the official code) and run inside ``jax.jit``. Their
+cost and relative KKT residual ``||G a - 1/a|| / ||1/a||`` against the official cvxpy solve are
+measured by ``launch/benchmark.py`` (``docs/performance.md``).
 
 Hyper-parameters (official names and defaults): ``update_weights_every=1`` (re-solve every n-th
 step, reuse the previous weights in between; with n > 1 the method declares ``Method.fresh`` /
@@ -63,12 +63,10 @@ Deviations from the official code:
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mtl_jax.combiners.base import GRAMIAN, Method, register
 
@@ -228,36 +226,3 @@ def nash_mtl(num_tasks: int,
   return Method("nash_mtl", num_tasks, GRAMIAN, init=init, weigh=weigh, specific="weighted",
                 **hooks)
 
-
-def random_gramian(key: jax.Array, k: int) -> jax.Array:
-  """A random full-rank K x K Gramian ``A A^T`` with ``A`` Gaussian K x 2K (benchmark input)."""
-  a = jax.random.normal(key, (k, 2 * k), jnp.float32)
-  return a @ a.T
-
-
-def nash_solve_timing(ks=(2, 10, 40), repeats: int = 20, solver: str = "jaxopt",
-                      optim_niter: int = 20, seed: int = 0) -> dict:
-  """Median wall time (ms) of one jitted, compiled Nash-MTL solve and its KKT residual, per K.
-
-  Each repeat solves a fresh random full-rank Gramian from the cold start (ones). Returns
-  ``{K: {'median_ms': float, 'kkt_residual': float (worst over repeats), 'solver': str}}``
-  (the residual is ``||G a - 1/a|| / ||1/a||`` of the raw solve, before ``max_norm``).
-  """
-  fn = jax.jit(lambda g: solve(g, optim_niter=optim_niter, solver=solver)[0])
-  out = {}
-  key = jax.random.PRNGKey(seed)
-  for k in ks:
-    k = int(k)
-    key, sub = jax.random.split(key)
-    grams = [random_gramian(kk, k) for kk in jax.random.split(sub, max(int(repeats), 1))]
-    fn(grams[0]).block_until_ready()  # compile
-    times, resid = [], []
-    for g in grams:
-      t0 = time.perf_counter()
-      a = fn(g).block_until_ready()
-      times.append(1e3 * (time.perf_counter() - t0))
-      g64, a64 = np.asarray(g, np.float64), np.asarray(a, np.float64)
-      resid.append(float(np.linalg.norm(g64 @ a64 - 1 / a64) / np.linalg.norm(1 / a64)))
-    out[k] = {"median_ms": float(np.median(times)), "kkt_residual": float(np.max(resid)),
-              "solver": solver}
-  return out

@@ -178,7 +178,7 @@ def weighted_sum(weights: jax.Array, jac_leaf: jax.Array, task_axis: int = 0) ->
   """``sum_k w_k J[k]`` for a leaf with the K tasks on ``task_axis`` (0 or -1).
 
   A dot, not ``jnp.sum(w * J, axis=0)``: XLA-CPU's reduction over the leading axis of a held
-  40 x 5.2M Jacobian took 4 s, the dot 0.05 s.
+  Jacobian is two orders of magnitude slower (``docs/performance.md``).
   """
   _check_task_axis(task_axis)
   w = weights.astype(jac_leaf.dtype)
@@ -201,7 +201,7 @@ def all_finite(*trees) -> jax.Array:
   The per-leaf flags are counted with a dot product, not ``jnp.all(jnp.stack(...))``: XLA turns a
   reduction of stacked scalars into a chain of ``and``s and copies that whole chain into every
   fusion that consumes the result (``jnp.where(ok, ...)`` leaf by leaf), which on the CelebA CNN
-  made the optimised step 5x larger and its compilation seconds longer. A dot is kept as one value.
+  made the optimised step several times larger and slower to compile (``docs/performance.md``). A dot is kept as one value.
   """
   leaves = [x for t in trees for x in jax.tree.leaves(t)]
   flags = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).astype(jnp.float32)

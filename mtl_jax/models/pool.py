@@ -3,9 +3,9 @@
 Why: the gradient of ``flax.linen.max_pool`` is XLA's ``select-and-scatter``. XLA-CPU expands it
 into an explicit scatter: an index array the size of the pooled input times its rank (an ``iota``
 and a concatenation of ``s32[N, 5]`` coordinates), then a scatter over them. In the engine's
-``jacobian`` mode the backward runs for K tasks at once (vmapped), and on the CelebA CNN (K=40,
-32x32, batch 16, 2 CPU cores) these kernels took ~0.5 s of the ~4.7 s of kernel time of a Jacobian
-step, and their index arrays ~1.3 GB of its temporaries.
+``jacobian`` mode the backward runs for K tasks at once (vmapped), and on the CelebA CNN these
+kernels were a tenth of a Jacobian step's time and their index arrays half its temporaries
+(``docs/performance.md``).
 
 :func:`max_pool` computes the same value and, for windows that tile the input (stride == window,
 no padding: the 2x2 pools of the CelebA CNN and LeNet), has a ``custom_jvp``: the tangent of a
@@ -14,9 +14,7 @@ element XLA's ``select-and-scatter`` with ``>=`` selects, so gradients are bit-i
 included. JAX transposes that rule into the backward pass (a one-hot mask times the broadcast
 output gradient: one fused elementwise kernel, batched or not), and forward mode uses it as is, so
 the engine's ``gramian`` mode traces the same pooling in its VJP and its linearisation (XLA then
-shares their forward pass: that mode's temporaries 84 -> 62 MiB). Measured (same setting):
-Jacobian-only step 3.75 -> 3.04 s and 2522 -> 1209 MiB, exact Nash-MTL step 4.06 -> 3.29 s, LS step
-0.229 -> 0.209 s and 149 -> 129 MiB.
+shares their forward pass). What it bought is measured in ``docs/performance.md``.
 
 Anything else (overlapping windows, padding) calls ``flax.linen.max_pool`` unchanged. Deviation:
 in a window holding a NaN the derivative is the (first) NaN's; XLA's comparison-based selection
