@@ -104,3 +104,13 @@ def test_qm9_smoke_affinity_splits(tmp_path):
   st = out["structure"]
   assert sorted(st["trees"], key=int) == ["0", "2"] and st["splits"][-1]["split"]
   assert st["tree"] != st["trees"]["0"]
+
+
+def test_learn_to_branch_searches_then_trains_the_found_tree(tmp_path):
+  c = _syn(method="learn_to_branch", warmup_steps=6)
+  c.data.batch_norm = False
+  out = train.fit(c, str(tmp_path / "ltb"))
+  rec = out["structure"]["splits"][0]
+  assert out["structure"]["method"] == "learn_to_branch" and rec["search_steps"] == 6
+  assert out["structure"]["tree"] == rec["tree"] and out["num_params"] == rec["num_params"]
+  assert set(rec["probabilities"]) == {"branch_1", "branch_heads"}
