@@ -95,6 +95,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.plateau_patience = 10  # evaluations without improvement tolerated
   c.optimizer.plateau_min_lr = 0.0
 
+  # The sharing structure during training (mtl_jax.structure.dynamic): 'none' (the model as
+  # config.model.sharing builds it) | 'fixed' (branched over structure.tree) | 'affinity' (hard
+  # sharing for warmup_steps, per-stage gradient affinity over the last `window` of them, the tree
+  # choose_tree picks under `budget`, a function-preserving split; again at each split_steps) |
+  # 'conflict' (Recon: the top_k stages with the highest conflict score become task-specific) |
+  # 'learn_to_branch' (a Gumbel-softmax search of warmup_steps steps, then the found tree trains).
+  c.structure = ml_collections.ConfigDict()
+  c.structure.method = "none"
+  c.structure.tree = ()  # 'fixed' (or the starting tree): per stage, groups of task names/indices
+  c.structure.warmup_steps = 100
+  c.structure.window = 50  # steps before each split whose per-stage Gramians are averaged
+  c.structure.budget = 0.5  # stage parameters over the independent networks' (1/K .. 1)
+  c.structure.split_steps = ()  # later steps at which to measure and split again (affinity)
+  c.structure.choose = "auto"  # choose_tree: auto | exhaustive | agglomerative
+  c.structure.top_k = 1  # conflict: stages turned task-specific
+  c.structure.conflict_threshold = 0.0  # conflict: a pair conflicts when its cosine is below it
+  c.structure.restart = False  # affinity / conflict: retrain the chosen tree from step 0 (Recon)
+  c.structure.tau_start = 5.0  # learn_to_branch: the Gumbel-softmax temperature at the start
+  c.structure.branch_learning_rate = 0.0  # learn_to_branch: the logits' rate (0 = the model's)
+
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
   c.train.num_steps = 0  # 0 = use num_epochs

@@ -66,6 +66,8 @@ def get_base(variant: str = ""):
     c.train.log_every = 2
     c.train.checkpoint_every = 3
     c.train.eval_batch_size = 8
+    c.structure.warmup_steps = 2  # --config.structure.method=affinity splits after step 2
+    c.structure.window = 2
   elif variant == "quick":
     c.data.graph = "bonds"  # 8x fewer edges than complete graphs: CPU minutes
     c.data.eval_limit = 1000
@@ -76,4 +78,6 @@ def get_base(variant: str = ""):
     c.train.log_every = 20
     c.train.checkpoint_every = 100
     c.train.eval_batch_size = 125
+    c.structure.warmup_steps = 60  # --config.structure.method=affinity splits after step 60
+    c.structure.window = 20
   return c

@@ -15,7 +15,9 @@ and the axes ``combiners``, ``sharing``, ``seeds`` (tuples or comma-separated st
 ``'all'`` or comma-separated task names; one string is one mix); ``single_task`` adds one run per
 task of every mix and seed (combiner ``single_task_combiner``, hard sharing, plus
 ``single_task_overrides``) — the STL baseline of Δm% and of the negative-transfer test. Any field
-can be overridden on the command line.
+can be overridden on the command line. ``sharing_variants`` (optional) names entries of the
+``sharing`` axis that are a registry strategy plus overrides, ``{label: (sharing, 'key=value',
+...)}`` (e.g. the ``config.structure`` methods of ``configs/sweeps/structure_qm9.py``).
 
 Runs go one after another as subprocesses of ``launch/train.py`` (single-task baselines first,
 then seed by seed, so that a sweep cut short has every method at least once), each in
@@ -129,16 +131,28 @@ def expand(sweep) -> list[RunSpec]:
     for s in seeds:
       for t in seen:
         runs.append(RunSpec(f"stl/{t}/s{s}", "stl", comb, "hard", s, t, common + extra))
+  variants = dict(sweep.get("sharing_variants", {}) or {})
   for s in seeds:  # seed-major: a sweep cut short still has every method once
     for mix in mixes:
       for sh in shares:
+        # a sharing variant: a label for (registry sharing, overrides), e.g. a structure method
+        name, extra = (_variant(sh, variants[sh]) if sh in variants else (sh, ()))
         for c in combs:
-          runs.append(RunSpec(f"{mix_label(mix)}/{sh}/{c}/s{s}", "mtl", c, sh, s, mix, common))
+          runs.append(RunSpec(f"{mix_label(mix)}/{sh}/{c}/s{s}", "mtl", c, name, s, mix,
+                              common + extra))
   names = [r.name for r in runs]
   dup = {n for n in names if names.count(n) > 1}
   if dup:
     raise ValueError(f"duplicate runs in the sweep: {sorted(dup)}")
   return runs
+
+
+def _variant(label: str, spec) -> tuple:
+  """``sharing_variants[label]`` = (sharing name, override, ...) -> (name, overrides)."""
+  spec = _list(spec) if isinstance(spec, str) else list(spec)
+  if not spec:
+    raise ValueError(f"sharing variant {label!r} needs (sharing name, 'key=value', ...)")
+  return str(spec[0]), tuple(_check_override(str(o)) for o in spec[1:])
 
 
 def _all_tasks(sweep) -> list[str]:

@@ -28,6 +28,8 @@ CHOICES = {
     ("optimizer", "schedule"): ("constant", "cosine", "step", "plateau"),
     ("train", "on_nonfinite"): ("stop", "skip"),
     ("train", "select"): ("auto", "delta_m", "mean_main"),
+    ("structure", "method"): ("none", "fixed", "affinity", "conflict", "learn_to_branch"),
+    ("structure", "choose"): ("auto", "exhaustive", "agglomerative"),
 }
 FREE_FORM = {("data",), ("combiner", "hparams"), ("model", "sharing_options")}
 
@@ -87,6 +89,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if float(config.optimizer.learning_rate) <= 0:
     raise ConfigError(f"config.optimizer.learning_rate must be > 0, got "
                       f"{config.optimizer.learning_rate}")
+  if "structure" in config:
+    from mtl_jax.structure import dynamic  # pylint: disable=g-import-not-at-top
+    try:
+      dynamic.check(config.structure, config.model.sharing)
+    except dynamic.StructureError as e:
+      raise ConfigError(str(e)) from None
   o = config.optimizer
   if o.schedule == "plateau":
     if not 0 < float(o.plateau_factor) < 1:

@@ -101,6 +101,10 @@ class TensorBoard:
       if math.isfinite(v):
         self.writer.add_scalar(key, v, global_step=step)
 
+  def text(self, step: int, tag: str, value: str) -> None:
+    if self.writer is not None:
+      self.writer.add_text(tag, value, global_step=step)
+
   def flush(self) -> None:
     if self.writer is not None:
       self.writer.flush()

@@ -67,6 +67,8 @@ from mtl_jax import evaluation
 from mtl_jax import layers
 from mtl_jax import logging_utils
 from mtl_jax.models.base import sync_batch_norm
+from mtl_jax.structure import dynamic
+from mtl_jax.structure import tree as T
 
 AXIS = "data"
 _clock = time.perf_counter  # the run's timer (a test replaces it)
@@ -93,26 +95,43 @@ class NonFiniteError(RuntimeError):
 # Model: the sharing strategy's MultiTaskModel, seen through a few pure functions.
 
 
-def build_model(config, bench):
+def build_backbone(config, bench):
+  """The benchmark's backbone, or ``config.model.backbone`` (at ``config.model.width``)."""
+  if not config.model.backbone:
+    return bench.backbone
+  from mtl_jax import models  # pylint: disable=g-import-not-at-top
+  opts = {"width": int(config.model.width)} if config.model.width else {}
+  return models.get(config.model.backbone, **opts)
+
+
+def build_model(config, bench, tree=None):
   """The sharing strategy ``config.model.sharing`` over the backbone and the benchmark's tasks.
 
   Returns a :class:`mtl_jax.sharing.MultiTaskModel`. ``config.model.backbone`` (with
   ``config.model.width`` when non-zero) replaces the benchmark's default backbone;
   ``config.model.dtype`` (``float32`` | ``bfloat16``) is the compute dtype (parameters and optimizer
-  stay float32).
+  stay float32). With ``config.structure.method`` other than ``'none'`` the model is ``branched``
+  over ``tree`` (default: the run's starting tree, :func:`mtl_jax.structure.dynamic.initial_tree`).
   """
   from mtl_jax import sharing  # pylint: disable=g-import-not-at-top
-  backbone = bench.backbone
-  if config.model.backbone:
-    from mtl_jax import models  # pylint: disable=g-import-not-at-top
-    opts = {"width": int(config.model.width)} if config.model.width else {}
-    backbone = models.get(config.model.backbone, **opts)
-  model = sharing.get(config.model.sharing, backbone, list(bench.tasks),
-                      **config.model.sharing_options.to_dict())
+  backbone = build_backbone(config, bench)
+  if _structure(config).method != "none":
+    tree = dynamic.initial_tree(config) if tree is None else T.to_list(tree)
+    model = sharing.get("branched", backbone, list(bench.tasks), tree=tree)
+  else:
+    model = sharing.get(config.model.sharing, backbone, list(bench.tasks),
+                        **config.model.sharing_options.to_dict())
   dtype = config.model.get("dtype", "float32")
   if dtype not in layers.DTYPES:
     raise config_utils.one_of("model dtype", dtype, layers.DTYPES)
   return dataclasses.replace(model, compute_dtype=dtype)
+
+
+def _structure(config):
+  """``config.structure`` (a config without the block: method 'none')."""
+  if "structure" in config:
+    return config.structure
+  return ml_collections.ConfigDict({"method": "none"})
 
 
 def _variables(params, batch_stats, constants):
@@ -243,7 +262,8 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
                     mesh, *, mode: str, reduction: str = "exact", multi_input: bool = False,
                     shared_mask=None, constants=None, per_device_batches: bool = False,
                     layer_gramian: str = "auto", fixed_order: bool = False,
-                    gramian_chunk: int = 1, donate: bool = True):
+                    gramian_chunk: int = 1, donate: bool = True,
+                    stage_gramians: Optional[int] = None):
   """``step(state, batch) -> (state, metrics)``: jitted, SPMD over ``mesh``, state donated.
 
   ``model`` is a :class:`mtl_jax.sharing.MultiTaskModel`; ``shared_mask`` the tree of bools over
@@ -258,7 +278,14 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
   ``layer_gramian`` and ``gramian_chunk`` go to the engine (:func:`mtl_jax.autodiff.combine`).
   ``donate=False`` keeps the input state valid after a call (to call the step again on the same
   state, as a benchmark timing one step does).
+  ``stage_gramians=S`` (``jacobian`` mode, a hard or branched model): the metrics also hold
+  ``stage_gramians`` (S, K, K), each stage's Gramian over its shared parameters from the engine's
+  ``gramian_groups`` (zeros for a stage with no shared copy).
   """
+  groups = None
+  if stage_gramians:
+    groups = {f"stage_{i}": f"stage_{i}/" for i in range(stage_gramians)
+              if any(jax.tree.leaves(shared_mask.get(f"stage_{i}", {})))}
   # Host copies: a device array closed over by shard_map must not carry a sharding on the
   # mesh's axes (JAX rejects closing over Explicit-axis arrays); numpy constants embed as-is.
   constants = jax.tree.map(np.asarray, dict(constants or {}))
@@ -287,7 +314,8 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
     out = autodiff.combine(method, state.combiner_state, loss_fn, state.params, state.batch_stats,
                            batch, rng, mode=mode, shared_mask=shared_mask, axis_name=AXIS,
                            reduction=reduction, layer_gramian=layer_gramian,
-                           fixed_order=fixed_order, gramian_chunk=gramian_chunk)
+                           fixed_order=fixed_order, gramian_chunk=gramian_chunk,
+                           gramian_groups=groups)
     aux = out.aux[0] if mode == "features" else out.aux
     new_bs = mean(aux) if state.batch_stats else {}
     grad = out.update
@@ -309,6 +337,11 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
                    skipped=out.state.skipped)
     if out.gramian is not None:
       metrics.update(evaluation.conflict_stats(out.gramian))
+    if stage_gramians:
+      zero = jnp.zeros((len(tasks), len(tasks)), jnp.float32)
+      found = out.group_gramians or {}
+      metrics["stage_gramians"] = jnp.stack([found.get(f"stage_{i}", zero)
+                                             for i in range(stage_gramians)])
     new = TrainState(params, new_bs, opt_state, out.state, state.step + 1, state.rng,
                      state.plateau)
     return new, metrics
@@ -520,11 +553,44 @@ class Program(NamedTuple):
   state: TrainState  # the initial state
   constants: PyTree
   step_fn: Callable
+  tx: Any = None  # the optimizer
+  # config.structure affinity / conflict: the step of the measuring windows (jacobian mode, the
+  # per-stage Gramians in its metrics); None otherwise
+  measure_fn: Optional[Callable] = None
+  tree: Optional[tuple] = None  # a branched model's canonical tree
+
+
+def _step_fns(config, bench, model, method, tx, mesh, mode, mask, constants):
+  """``(step_fn, measure_fn)`` of ``model`` (:func:`make_train_step`; measure_fn: see Program)."""
+  kw = dict(reduction=config.engine.reduction, multi_input=bench.multi_input, shared_mask=mask,
+            constants=constants, per_device_batches=bench.per_device_batches,
+            layer_gramian=config.engine.layer_gramian,
+            fixed_order=bool(config.engine.get("fixed_order", False)))
+  step_fn = make_train_step(model, list(bench.tasks), method, tx, mesh, mode=mode, **kw)
+  measure_fn = None
+  if _structure(config).method in dynamic.MEASURED:
+    measure_fn = make_train_step(model, list(bench.tasks), method, tx, mesh, mode="jacobian",
+                                 stage_gramians=len(model.info["tree"]), **kw)
+  return step_fn, measure_fn
+
+
+def retree(config, p: Program, tree) -> Program:
+  """``p`` for the same run over a branched model of ``tree``: model, initial state, constants and
+  step functions (compiled on their first call); the loader, optimizer and mesh are kept."""
+  model = build_model(config, p.bench, tree)
+  state, constants = init_state(config, model, p.bench, p.method, p.tx, p.mesh)
+  mask = combiners.resolve_mask(model.shared_mask, jax.device_get(state.params))
+  step_fn, measure_fn = _step_fns(config, p.bench, model, p.method, p.tx, p.mesh, p.mode, mask,
+                                  constants)
+  return p._replace(model=model, state=state, constants=constants, step_fn=step_fn,
+                    measure_fn=measure_fn, tree=model.info["tree"])
 
 
 def build_program(config, devices=None, built=None, num_steps: Optional[int] = None) -> Program:
   """Build, initialise and jit the run of ``config``: the shared start of :func:`fit` and
-  :func:`run_steps`. ``num_steps``: the schedule's length (default: the config's)."""
+  :func:`run_steps`. ``num_steps``: the schedule's length (default: the config's). With
+  ``config.structure.restart`` the run is ``warmup_steps`` longer (the measuring steps, then the
+  schedule from its start)."""
   bench, model, method, mode = built if built is not None else build(config)
   mesh = make_mesh(devices)
   bsz, ndev = int(config.train.batch_size), mesh.devices.size
@@ -538,14 +604,12 @@ def build_program(config, devices=None, built=None, num_steps: Optional[int] = N
   tx = make_optimizer(config, num_steps)
   state, constants = init_state(config, model, bench, method, tx, mesh)
   mask = combiners.resolve_mask(model.shared_mask, jax.device_get(state.params))
-  step_fn = make_train_step(model, list(bench.tasks), method, tx, mesh, mode=mode,
-                            reduction=config.engine.reduction, multi_input=bench.multi_input,
-                            shared_mask=mask, constants=constants,
-                            per_device_batches=bench.per_device_batches,
-                            layer_gramian=config.engine.layer_gramian,
-                            fixed_order=bool(config.engine.get("fixed_order", False)))
-  return Program(bench, model, method, mode, mesh, loader, int(num_steps), state, constants,
-                 step_fn)
+  step_fn, measure_fn = _step_fns(config, bench, model, method, tx, mesh, mode, mask, constants)
+  s = _structure(config)
+  loop_steps = int(num_steps) + (int(s.warmup_steps) if s.get("restart") else 0)
+  return Program(bench, model, method, mode, mesh, loader, loop_steps, state, constants,
+                 step_fn, tx, measure_fn,
+                 model.info["tree"] if model.name == "branched" else None)
 
 
 def run_steps(config, num_steps: int, devices=None, batches=None):
@@ -634,7 +698,7 @@ class Run:
   best: dict
   last_eval: int = -1
   pending: list = dataclasses.field(default_factory=list)  # (step, device metrics) not read yet
-  acc: Optional[dict] = None  # sums of the read metrics since the last log record
+  acc: Optional[dict] = None  # {metric: (sum, count)} of the read metrics since the last record
   acc_n: int = 0
   skipped: int = 0
   ahead: bool = False  # the loader has given the batch of the next step already
@@ -643,6 +707,11 @@ class Run:
   log_step: int = 0
   mark: Optional[float] = None  # start of the current stretch of training steps
   loss: float = float("nan")  # mean total loss of the last log interval (the progress bar)
+  untimed: int = 0  # steps that compiled a step function (not in train_s)
+  tree: Optional[tuple] = None  # the branched model's current tree
+  structure: list = dataclasses.field(default_factory=list)  # one record per split
+  window: Optional[dynamic.Window] = None  # the measuring window's sums
+  offset: int = 0  # structure.restart: the steps before the retraining (state.step restarts at 0)
 
 
 class Outputs(NamedTuple):
@@ -770,7 +839,10 @@ def _save(run: Run, p: Program, out: Outputs) -> None:
   # The loader may be one batch ahead (the next batch is read while the device runs the step).
   position = p.loader.position - (1 if run.ahead else 0)
   meta = {"position": int(position), "step": int(run.step), "best": run.best,
-          "last_eval": int(run.last_eval)}
+          "last_eval": int(run.last_eval), "step_offset": int(run.offset),
+          "tree": T.to_list(run.tree) if run.tree is not None else None,
+          "structure": run.structure,
+          "window": run.window.to_json() if run.window is not None else None}
   # Save a copy: the checkpoint is written in the background while the next step runs, and
   # that step donates (overwrites in place) the state's buffers.
   snapshot = jax.tree.map(lambda x: jnp.array(x, copy=True), run.state)
@@ -779,7 +851,7 @@ def _save(run: Run, p: Program, out: Outputs) -> None:
       meta=ocp.args.JsonSave(logging_utils._plain(meta))), force=True)
 
 
-def _read_pending(run: Run, names, on_nonfinite: str, mngr) -> None:
+def _read_pending(run: Run, names, on_nonfinite: str, mngr, structure=None) -> None:
   """Read the metrics of the steps run since the last read (one host sync) and check each step
   for NaN/Inf in order, so a non-finite step is reported at its own step number."""
   steps = [s for s, _ in run.pending]
@@ -795,8 +867,16 @@ def _read_pending(run: Run, names, on_nonfinite: str, mngr) -> None:
       logging.warning("non-finite %s at step %d: step skipped (%d so far)", what, step,
                       int(m["skipped"]))
     run.skipped = int(m["skipped"])
+    stage = m.pop("stage_gramians", None)
+    if (stage is not None and bool(m["finite"]) and run.window is not None
+        and dynamic.measuring(structure, step - 1)):
+      run.window.add(stage)
     scal = {k: np.asarray(v, np.float64) for k, v in m.items() if k != "finite"}
-    run.acc = scal if run.acc is None else jax.tree.map(np.add, run.acc, scal)
+    acc = run.acc if run.acc is not None else {}
+    for k, v in scal.items():  # per key: a measuring step has statistics the others lack
+      total, count = acc.get(k, (0.0, 0))
+      acc[k] = (total + v, count + 1)
+    run.acc = acc
     run.acc_n += 1
   run.pending = []
 
@@ -805,7 +885,7 @@ def _log(run: Run, names, out: Outputs) -> None:
   """One metrics record: means since the last record, steps/s of the training steps alone."""
   if not run.acc_n:
     return
-  mean = jax.tree.map(lambda x: x / run.acc_n, run.acc)
+  mean = {k: total / count for k, (total, count) in run.acc.items()}
   seconds = run.train_s - run.log_s
   rate = (run.step - run.log_step) / seconds if seconds > 0 else None
   record = {"step": run.step, "steps_per_sec": rate, **mean, "skipped": run.skipped}
@@ -828,41 +908,65 @@ def _resume_clock(run: Run) -> None:
   run.mark = _clock()
 
 
-def _compile_first_step(run: Run, p: Program, batch, out: Outputs):
-  """The first step of this process: compiles the program; timed apart from the others."""
-  out.say(f"compiling the train step ({p.method.name}, engine mode {p.mode}, "
-          f"{p.mesh.devices.size} device(s))…")
+def _compile_step(run: Run, p: Program, fn, batch, out: Outputs, what: str):
+  """A step that compiles ``fn`` (this process's first, a measuring window's, a new tree's):
+  timed apart from the others."""
+  out.say(f"compiling the {what} ({p.method.name}, engine mode "
+          f"{'jacobian' if fn is p.measure_fn else p.mode}, {p.mesh.devices.size} device(s))…")
   t0 = _clock()
-  run.state, metrics = p.step_fn(run.state, shard_batch(batch, p.mesh))
+  run.state, metrics = fn(run.state, shard_batch(batch, p.mesh))
   jax.block_until_ready(metrics)
-  out.say(f"compiled and ran the first step in {_clock() - t0:.1f} s")
+  out.say(f"compiled and ran the step in {_clock() - t0:.1f} s")
   return metrics
 
 
-def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progress) -> bool:
-  """Train to ``p.num_steps``; True when stopped by SIGTERM (after checkpointing). The host reads
-  the device's results only at log, evaluation and checkpoint steps (and on SIGTERM)."""
+def _step_fn(run: Run, p: Program, config):
+  """The measuring step inside a window before a split, else the train step (a run already in
+  the jacobian mode measures at every step up to the last split: one compiled step, not two)."""
+  s = config.structure
+  if p.measure_fn is not None and (dynamic.measuring(s, run.step) or (
+      p.mode == "jacobian" and run.step < max(dynamic.schedule(s), default=0))):
+    if run.window is None:
+      run.window = dynamic.Window(config.structure.conflict_threshold)
+    return p.measure_fn
+  return p.step_fn
+
+
+def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progress):
+  """Train to ``p.num_steps``; returns ``(preempted, p, ev)``: True when stopped by SIGTERM (after
+  checkpointing), and the program and evaluator of the final tree. The host reads the device's
+  results only at log, evaluation and checkpoint steps, at splits (and on SIGTERM)."""
   names = [t.name for t in p.bench.tasks]
   every = {k: int(config.train[k]) for k in ("log_every", "eval_every", "checkpoint_every")}
-  n, bar = p.num_steps, None
+  splits = dynamic.schedule(_structure(config))
+  n, bar, compiled = p.num_steps, None, set()
   batch = next(p.loader) if run.step < n else None
   while run.step < n:
-    first = bar is None
-    if first:  # this process's first step compiles: timed apart, before the bar starts
-      metrics = _compile_first_step(run, p, batch, out)
-      bar = _bar(run.step, n, progress)
-    else:
-      run.state, metrics = p.step_fn(run.state, shard_batch(batch, p.mesh))
-    run.step += 1
-    if first:  # steps/s counts the steps after it
-      run.log_step = run.step
+    fn = _step_fn(run, p, config)
+    if fn not in compiled:  # compiles: timed apart (the first one before the bar starts)
+      _pause(run)
+      what = ("measuring step" if fn is p.measure_fn else "train step") + (
+          f" of tree {T.format_tree(p.tree, names)}" if p.tree is not None else "")
+      metrics = _compile_step(run, p, fn, batch, out, what)
+      compiled.add(fn)
+      bar = bar if bar is not None else _bar(run.step, n, progress)
+      run.log_step += 1  # steps/s counts the steps after it
+      run.untimed += 1
       _resume_clock(run)
+    else:
+      run.state, metrics = fn(run.state, shard_batch(batch, p.mesh))
+    run.step += 1
     run.pending.append((run.step, metrics))
+    if run.step in splits and all(r["step"] != run.step for r in run.structure):
+      _read_pending(run, names, config.train.on_nonfinite, out.mngr, config.structure)
+      _pause(run)
+      p, ev = _split(run, p, ev, out, config)
+      _resume_clock(run)
     batch = next(p.loader) if run.step < n else None  # read while the device runs the step
     run.ahead = batch is not None
     at = {k: run.step % v == 0 or run.step == n for k, v in every.items()}
     if stop.at(run.step) or any(at.values()):
-      _read_pending(run, names, config.train.on_nonfinite, out.mngr)
+      _read_pending(run, names, config.train.on_nonfinite, out.mngr, _structure(config))
       _pause(run)
       if at["log_every"]:
         _log(run, names, out)
@@ -877,11 +981,67 @@ def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progr
       bar.close()
       logging.warning("SIGTERM at step %d: checkpointed, stopping", run.step)
       out.say(f"SIGTERM at step {run.step}: checkpoint saved; rerun the same command to resume")
-      return True
+      return True, p, ev
   if bar is not None:
     bar.close()
   _pause(run)
-  return False
+  return False, p, ev
+
+
+def stage_param_counts(params, tree) -> list:
+  """The parameters of one copy of each stage of a branched model's ``params``."""
+  return [int(sum(np.prod(x.shape) for x in jax.tree.leaves(params[f"stage_{i}"]["group_0"])))
+          for i in range(len(tree))]
+
+
+def _split(run: Run, p: Program, ev: Evaluator, out: Outputs, config):
+  """At a split step: choose the tree from the window, split the state (or, with ``restart``,
+  start the chosen tree afresh), rebuild the step; log the split. Returns ``(p, ev)``."""
+  s, names = config.structure, [t.name for t in p.bench.tasks]
+  window = run.window if run.window is not None else dynamic.Window(s.conflict_threshold)
+  rec = dynamic.decide(s, window, run.tree, stage_param_counts(run.state.params, run.tree),
+                       run.step, names)
+  new = T.canonical(rec["tree"], list(range(len(names))), len(run.tree))
+  run.window = None
+  rec["split"] = new != run.tree
+  if rec["split"] or s.restart:
+    old, p = run.tree, retree(config, p, new)
+    if s.restart:  # Recon / TAG: the chosen tree from scratch, from the first batch
+      run.state, run.offset = p.state, run.step
+      p.loader.position = 0
+      run.best = {"score": None, "step": None, "validation": None, "test": None}
+    else:
+      run.state = replicate(_surgery().split(run.state, old, new), p.mesh)
+    ev = ev._replace(stats_fn=jax.jit(evaluation.batch_stats_fn(
+        eval_apply(p.model), list(p.bench.tasks), p.bench.multi_input)))
+  run.tree = new
+  rec["num_params"] = int(p.model.num_params(jax.device_get(run.state.params)))
+  run.structure.append(rec)
+  _log_structure(rec, out, restart=bool(s.restart))
+  return p, ev
+
+
+def _surgery():
+  from mtl_jax.structure import surgery  # pylint: disable=g-import-not-at-top
+  return surgery
+
+
+def _log_structure(rec: dict, out: Outputs, restart: bool = False) -> None:
+  """A structure record to metrics.jsonl, TensorBoard and the terminal."""
+  step = rec["step"]
+  out.jsonl.write({"step": step, "structure": rec})
+  out.tb.scalars(step, {"structure/num_params": float(rec["num_params"]),
+                        "structure/budget_fraction": float(rec["fraction"]),
+                        **{f"structure/groups_stage_{i}": float(len(g))
+                           for i, g in enumerate(rec["tree"])}})
+  out.tb.text(step, "structure/tree", rec["describe"])
+  what = {True: "split", False: "kept"}[rec.get("split", True)]
+  conflict = rec.get("conflict")
+  tail = (f"; conflict per stage {', '.join(f'{c:.2f}' for c in conflict)}"
+          if conflict is not None else "")
+  out.say(f"structure at step {step} ({rec['method']}, {what}"
+          f"{', retraining from step 0' if restart else ''}): {rec['describe']} "
+          f"({100 * rec['fraction']:.1f}% of independent, {rec['num_params']:,} parameters{tail})")
 
 
 def _bar(initial: int, total: int, progress: Optional[bool]):
@@ -914,11 +1074,13 @@ def _startup_block(config, p: Program, workdir: str, num_params: int, start: int
       f"benchmark   {bench.name}{' (mock data)' if config.data.get('mock') else ''}: "
       f"{len(names)} tasks: {shown}",
       f"combiner    {config.combiner.name}{' ' + json.dumps(hp) if hp else ''}; sharing "
-      f"{config.model.sharing}",
+      f"{'branched' if p.tree is not None else config.model.sharing}",
       f"engine      mode {p.mode} ({_mode_reason(config, p)}), reduction "
       f"{config.engine.reduction}",
       f"devices     {p.mesh.devices.size} x {'/'.join(kinds)} ({jax.default_backend()}), "
       f"{jax.process_count()} process(es)",
+      *([f"structure   {_structure(config).method}: {T.format_tree(p.tree, names)}"]
+        if p.tree is not None else []),
       f"parameters  {num_params:,}",
       f"steps       {p.num_steps:,} (batch {int(config.train.batch_size)}, {epochs:.3g} epochs; "
       f"{o.name} lr {float(o.learning_rate):g}, {o.schedule} schedule)",
@@ -956,22 +1118,106 @@ def _summary(config, p: Program, run: Run, ev: Evaluator, t_start: float,
       "layer_gramian": config.engine.layer_gramian,
       "sharing": config.model.sharing,
       "units": dict(bench.info.get("units", {})),
+      "structure": _structure_summary(config, p, run),
       "config": config.to_dict(),
       "config_digest": config_utils.config_digest(config),
   }
 
 
-def _restore_into(run: Run, p: Program, mngr, say) -> None:
+def _start_record(config, p: Program, run: Run) -> dict:
+  """The structure record of step 0: the tree a fixed / affinity / conflict run starts from."""
+  names = [t.name for t in p.bench.tasks]
+  params = jax.device_get(run.state.params)
+  return {"step": 0, "method": config.structure.method, "tree": T.to_list(p.tree),
+          "describe": T.format_tree(p.tree, names), "split": False,
+          "fraction": T.budget_fraction(p.tree, stage_param_counts(params, p.tree)),
+          "num_params": int(p.model.num_params(params))}
+
+
+def _structure_summary(config, p: Program, run: Run) -> Optional[dict]:
+  """summary.json's ``structure``: the final tree, the tree at every split step and the records
+  (with the affinity that chose each split)."""
+  if p.tree is None:
+    return None
+  names = [t.name for t in p.bench.tasks]
+  return {"method": _structure(config).method, "tree": T.to_list(p.tree),
+          "describe": T.format_tree(p.tree, names),
+          "trees": {str(r["step"]): r["tree"] for r in run.structure},
+          "restart_step": run.offset or None,
+          "splits": run.structure}
+
+
+def _peek_tree(mngr, p: Program):
+  """The tree the newest checkpoint was saved with (None: no checkpoint, or no tree in it)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  step = mngr.latest_step()
+  if step is None or p.tree is None:
+    return None
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception:  # pylint: disable=broad-except  (restore_latest reports a corrupt step)
+    return None
+  tree = meta.get("tree")
+  return None if tree is None else T.canonical(tree, list(range(len(p.bench.tasks))), len(p.tree))
+
+
+def _restore_into(run: Run, p: Program, mngr, say, config) -> Program:
+  """Restore the newest checkpoint into ``run``; returns the program of its tree (a checkpoint
+  saved after a split restores into the split model)."""
+  tree = _peek_tree(mngr, p)
+  if tree is not None and tree != p.tree:
+    p = retree(config, p, tree)
+    run.state = p.state
+  run.tree = p.tree
   state, meta = restore_latest(mngr, run.state, say)
   if state is None:
-    return
+    return p
   run.state = state
   p.loader.position = int(meta["position"])
   run.best = meta["best"]
   run.last_eval = int(meta.get("last_eval", -1))
-  run.step = run.log_step = int(_fetch(state.step))
+  run.offset = int(meta.get("step_offset") or 0)
+  run.structure = list(meta.get("structure") or [])
+  if meta.get("window"):
+    run.window = dynamic.Window.from_json(meta["window"], config.structure.conflict_threshold)
+  run.step = run.log_step = int(_fetch(state.step)) + run.offset
   run.skipped = int(_fetch(state.combiner_state.skipped))
-  say(f"resumed at step {run.step} from {mngr.directory}")
+  say(f"resumed at step {run.step} from {mngr.directory}"
+      + (f" (tree {T.format_tree(p.tree, [t.name for t in p.bench.tasks])})"
+         if p.tree is not None and run.structure else ""))
+  return p
+
+
+def _search_tree(config, p: Program, run: Run, out: Outputs) -> Program:
+  """``learn_to_branch``: the Gumbel-softmax search over ``warmup_steps`` training batches, its
+  discretised tree, the program of that tree (trained from scratch, as Guo et al. do)."""
+  from mtl_jax.structure import ltb  # pylint: disable=g-import-not-at-top
+  s, bench = config.structure, p.bench
+  if bench.multi_input:
+    raise config_utils.ConfigError("config.structure.method='learn_to_branch' needs single-input "
+                                   "batches; valid for multi-input: none, fixed, affinity, conflict")
+  names = [t.name for t in bench.tasks]
+  out.say(f"learn_to_branch: searching the tree for {int(s.warmup_steps)} steps…")
+  loader = bench.loader("train", int(config.train.batch_size), int(config.seed) + 1, True)
+  t0 = _clock()
+  search = ltb.learn_to_branch(
+      build_backbone(config, bench), list(bench.tasks), (next(loader) for _ in itertools.count()),
+      num_steps=int(s.warmup_steps), learning_rate=float(config.optimizer.learning_rate),
+      branch_learning_rate=float(s.branch_learning_rate) or None, tau_start=float(s.tau_start),
+      seed=int(config.seed))
+  p = retree(config, p, search.tree)
+  run.state, run.tree = p.state, p.tree
+  params = jax.device_get(p.state.params)
+  rec = {"step": 0, "method": "learn_to_branch", "tree": T.to_list(search.tree),
+         "describe": T.format_tree(search.tree, names), "split": True,
+         "fraction": T.budget_fraction(search.tree, stage_param_counts(params, search.tree)),
+         "search_steps": int(s.warmup_steps), "search_s": _clock() - t0,
+         "search_final_losses": search.losses[-1].tolist(),
+         "probabilities": {k: v.tolist() for k, v in search.probabilities.items()},
+         "num_params": int(p.model.num_params(params))}
+  run.structure.append(rec)
+  _log_structure(rec, out)
+  return p
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[bool] = None,
@@ -984,20 +1230,26 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
   say = _console(echo)
   say("initialising the model and the optimizer…")
   p = build_program(config, devices, built)
-  num_params = int(p.model.num_params(jax.device_get(p.state.params)))
   os.makedirs(workdir, exist_ok=True)
   mngr = _open_checkpoints(config, workdir)
   run = Run(p.state, 0, {"score": None, "step": None, "validation": None, "test": None})
-  _restore_into(run, p, mngr, say)
+  p = _restore_into(run, p, mngr, say, config)
   start = run.step
   out = _open_outputs(workdir, mngr, start, say)
+  method = _structure(config).method
+  if not run.structure and method == "learn_to_branch":
+    p = _search_tree(config, p, run, out)
+  elif not run.structure and method != "none" and p.tree is not None:
+    run.structure.append(_start_record(config, p, run))
+    _log_structure(run.structure[-1], out)
+  num_params = int(p.model.num_params(jax.device_get(run.state.params)))
   for line in _startup_block(config, p, workdir, num_params, start):
     say(line)
   ev = _make_evaluator(config, p)
   stop = _Stop(mngr)
   stop.install()
   try:
-    preempted = _loop(run, p, ev, out, config, stop, progress)
+    preempted, p, ev = _loop(run, p, ev, out, config, stop, progress)
     if not preempted and run.last_eval != p.num_steps:
       _evaluate(run, p, ev, out)  # resumed at the end, before its evaluation
     if not preempted and mngr.latest_step() != p.num_steps:
@@ -1009,7 +1261,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: Optional[b
     out.tb.close()
   if preempted:
     return None
-  summary = _summary(config, p, run, ev, t_start, num_params, max(run.step - start - 1, 0))
+  num_params = int(p.model.num_params(jax.device_get(run.state.params)))
+  summary = _summary(config, p, run, ev, t_start, num_params, max(run.step - start - run.untimed, 0))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(logging_utils._plain(summary), f, indent=2, sort_keys=True)

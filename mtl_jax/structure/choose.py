@@ -86,7 +86,11 @@ def _check(d, stage_params, budget):
                      f"1/K = {1.0 / k:.4g} (hard sharing) and 1 (independent), got {budget}")
 
 
-def _exhaustive(d, stage_params, budget):
+def _refines(tr, within) -> bool:
+  return within is None or all(T.parents_of(w, p) is not None for w, p in zip(within, tr))
+
+
+def _exhaustive(d, stage_params, budget, within=None):
   k, s = d.shape[1], d.shape[0]
   memo = {}
 
@@ -99,7 +103,7 @@ def _exhaustive(d, stage_params, budget):
   best = None
   for tr in T.all_trees(k, s):
     frac = T.budget_fraction(tr, stage_params)
-    if frac > budget + 1e-12:
+    if frac > budget + 1e-12 or not _refines(tr, within):
       continue
     c = sum(cost_of(i, g) for i, p in enumerate(tr) for g in p)
     if best is None or c < best[0] - 1e-12 or (abs(c - best[0]) <= 1e-12 and frac < best[1] - 1e-12):
@@ -121,7 +125,7 @@ def _merge(tr, s, a, b):
   return tuple(out)
 
 
-def _agglomerative(d, stage_params, budget):
+def _agglomerative(d, stage_params, budget, within=None):
   k, s = d.shape[1], d.shape[0]
   tr = T.independent_tree(k, s)
   memo = {}
@@ -136,6 +140,9 @@ def _agglomerative(d, stage_params, budget):
     best = None
     for stage in range(s):
       for a, b in itertools.combinations(range(len(tr[stage])), 2):
+        if within is not None and T.group_of(within[stage], tr[stage][a][0]) != T.group_of(
+            within[stage], tr[stage][b][0]):
+          continue  # the tree must refine ``within``: never join what it separated
         delta, saved, t, ia, ib = 0.0, 0.0, stage, a, b
         while t >= 0 and ia != ib:  # this stage and the ancestors that differ merge
           ga, gb = tr[t][ia], tr[t][ib]
@@ -147,13 +154,15 @@ def _agglomerative(d, stage_params, budget):
         key = (delta / saved, delta, stage, a, b)
         if best is None or key < best:
           best = key
+    if best is None:  # ``within`` itself: no coarser tree refines it
+      break
     tr = _merge(tr, *best[2:])
   cost = sum(gc(i, g) for i, p in enumerate(tr) for g in p)
   return cost, T.budget_fraction(tr, stage_params), tr
 
 
 def choose_tree(affinity, stage_params: Sequence[float], budget: float,
-                method: str = "auto") -> Choice:
+                method: str = "auto", within=None) -> Choice:
   """The tree with the lowest clustering cost whose stage parameters are at most ``budget`` (a
   fraction of the independent networks': 1/K = hard sharing, 1 = independent).
 
@@ -164,6 +173,9 @@ def choose_tree(affinity, stage_params: Sequence[float], budget: float,
     budget: the parameter budget, in [1/K, 1].
     method: ``'auto'`` (exhaustive for K <= 6, else agglomerative), ``'exhaustive'``,
       ``'agglomerative'``.
+    within: a canonical tree the result must refine (a running branched model's current tree:
+      a split can only separate tasks). When even ``within`` exceeds the budget, ``within`` is
+      returned (nothing to split).
   """
   if method not in METHODS:
     raise ValueError(f"unknown choose_tree method {method!r}; valid: {', '.join(METHODS)}")
@@ -172,7 +184,12 @@ def choose_tree(affinity, stage_params: Sequence[float], budget: float,
   if method == "auto":
     method = "exhaustive" if d.shape[1] <= EXHAUSTIVE_MAX_TASKS else "agglomerative"
   fn = _exhaustive if method == "exhaustive" else _agglomerative
-  cost, frac, tr = fn(d, [float(n) for n in stage_params], float(budget))
+  sp = [float(n) for n in stage_params]
+  if within is not None:
+    within = T.canonical(within, list(range(d.shape[1])), d.shape[0])
+    if T.budget_fraction(within, sp) >= float(budget) - 1e-12:
+      return Choice(within, tree_cost(within, affinity), T.budget_fraction(within, sp), method)
+  cost, frac, tr = fn(d, sp, float(budget), within)
   return Choice(tr, float(cost), float(frac), method)
 
 

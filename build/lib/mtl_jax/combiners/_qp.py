@@ -1,0 +1,204 @@
+"""Small jit-able solvers for the K-dimensional problems gradient combiners solve.
+
+* :func:`box_qp`: ``min_x 1/2 x^T H x + q^T x`` subject to ``lower <= x <= upper`` (either bound may
+  be infinite), for a symmetric positive (semi-)definite ``H`` of size K x K. Used by UPGrad and
+  DualProj (the dual-cone projection of Quinton & Rey 2024 is ``min_v v^T G v  s.t.  v >= u``) and
+  reusable for any nonnegative or box QP over task weights (MGDA-style problems after a change of
+  variables, CAGrad's inner problem, ...).
+* :func:`project_simplex`: the Euclidean projection onto ``{w >= 0, sum w = s}``
+  (``optax.projections.projection_simplex``, row-wise).
+
+The QP solver is written for K up to a few hundred and float32:
+
+1. accelerated projected gradient (FISTA, Beck & Teboulle 2009) with adaptive restart
+   (O'Donoghue & Candes 2015), step ``1 / lambda_max(H)``, run until the projected-gradient
+   residual is below ``tol`` (relative) or ``max_iter`` iterations;
+2. a few *active-set polishing* steps: from the current point, the bounds that are active with a
+   gradient pushing outwards are fixed and the equality-constrained system on the free variables
+   is solved exactly (a primal-dual active-set / Newton step, Hintermueller et al. 2002). A
+   polished point is accepted only if it is feasible and does not increase the objective, so the
+   polish can only help; at the true active set it gives the solution to machine precision, which
+   matters for the KKT properties tests check (``G v >= 0`` for the dual-cone projection).
+
+Everything is ``jax.lax`` control flow with static shapes: no host callbacks, safe under ``jit``,
+``vmap`` and ``shard_map``. ``q``, ``lower`` and ``upper`` may carry leading batch dimensions
+(several problems with the same ``H``, e.g. UPGrad's K projections), solved together.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def _objective(h, q, x):
+  return 0.5 * jnp.einsum("...i,ij,...j->...", x, h, x) + jnp.sum(q * x, axis=-1)
+
+
+def _grad(h, q, x):
+  return x @ h.T + q
+
+
+def _residual(h, q, x, lower, upper, scale):
+  """Norm of the projected-gradient step ``x - clip(x - g)`` relative to ``max |x|`` (0 at KKT)."""
+  g = _grad(h, q, x)
+  step = x - jnp.clip(x - g / scale, lower, upper)
+  size = jnp.maximum(jnp.max(jnp.abs(x), axis=-1), jnp.finfo(jnp.float32).tiny)
+  return jnp.max(jnp.max(jnp.abs(step), axis=-1) / size)
+
+
+def box_qp(h: jax.Array,
+           q: jax.Array,
+           lower: jax.Array | float = 0.0,
+           upper: jax.Array | float = jnp.inf,
+           x0: Optional[jax.Array] = None,
+           *,
+           max_iter: int = 500,
+           tol: float = 1e-7,
+           polish: int = 3):
+  """Solve ``min 1/2 x^T h x + q^T x  s.t.  lower <= x <= upper``.
+
+  Args:
+    h: (K, K) symmetric positive semi-definite (positive definite for a unique solution; add a
+      small ridge if needed, as TorchJD's ``reg_eps`` does).
+    q: (..., K) linear terms; leading dimensions are independent problems sharing ``h``.
+    lower, upper: bounds broadcastable to ``q`` (``-inf`` / ``inf`` for none).
+    x0: optional warm start (projected onto the box); default: the projection of 0.
+    max_iter: cap on FISTA iterations; tol: relative projected-gradient tolerance.
+    polish: number of active-set polishing steps after FISTA (0 to skip).
+
+  Returns:
+    x with the shape of ``q``.
+  """
+  h = jnp.asarray(h, jnp.float32)
+  q = jnp.asarray(q, jnp.float32)
+  if h.ndim != 2 or h.shape[0] != h.shape[1] or q.shape[-1:] != h.shape[:1]:
+    raise ValueError(f"box_qp: h must be (K, K) and q (..., K); got {h.shape} and {q.shape}")
+  h = 0.5 * (h + h.T)
+  lower = jnp.broadcast_to(jnp.asarray(lower, jnp.float32), q.shape)
+  upper = jnp.broadcast_to(jnp.asarray(upper, jnp.float32), q.shape)
+  x = jnp.zeros_like(q) if x0 is None else jnp.asarray(x0, jnp.float32)
+  x = jnp.broadcast_to(x, q.shape)
+  # Jacobi scaling z = D x, D = diag(h)^1/2: the box maps to a box, h to a unit-diagonal matrix.
+  diag = jnp.diagonal(h)
+  d = jnp.sqrt(jnp.where(jnp.isfinite(diag) & (diag > 0), diag, 1.0))
+  z = _box_qp_scaled(h / (d[:, None] * d[None, :]), q / d, lower * d, upper * d, x * d,
+                     max_iter, tol, polish)
+  return z / d
+
+
+def _box_qp_scaled(h, q, lower, upper, x, max_iter, tol, polish, lmax=None):
+  """:func:`box_qp` on the (Jacobi-scaled) problem: FISTA with restart, then polishing.
+
+  ``lmax``: the largest eigenvalue of ``h`` if the caller has it (solves in a loop on one ``h``).
+  """
+  x = jnp.clip(x, lower, upper)
+
+  if lmax is None:
+    lmax = jnp.max(jnp.linalg.eigvalsh(h))
+  scale = jnp.maximum(lmax, jnp.finfo(jnp.float32).tiny)  # Lipschitz constant of the gradient
+
+  def cond(carry):
+    i, _, _, _, res = carry
+    return (i < max_iter) & (res > tol)
+
+  def body(carry):
+    i, x, y, t, _ = carry
+    x_new = jnp.clip(y - _grad(h, q, y) / scale, lower, upper)
+    t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
+    # Gradient-based adaptive restart: drop the momentum when it points uphill.
+    uphill = jnp.sum((y - x_new) * (x_new - x), axis=-1, keepdims=True) > 0
+    momentum = jnp.where(uphill, 0.0, (t - 1.0) / t_new)
+    y_new = x_new + momentum * (x_new - x)
+    t_new = jnp.where(uphill, 1.0, t_new)
+    res = _residual(h, q, x_new, lower, upper, scale)
+    return i + 1, x_new, y_new, t_new, res
+
+  res0 = _residual(h, q, x, lower, upper, scale)
+  _, x, _, _, _ = jax.lax.while_loop(
+      cond, body, (jnp.zeros((), jnp.int32), x, x, jnp.ones(q.shape[:-1] + (1,)), res0))
+
+  for _ in range(polish):
+    x = _polish(h, q, x, lower, upper, scale)
+  return x
+
+
+def _polish(h, q, x, lower, upper, scale):
+  """One active-set Newton step; kept only where it is feasible and not worse."""
+  g = _grad(h, q, x)
+  # A bound is active when the projected step from x stays on it.
+  trial = x - g / scale
+  at_lower = trial <= lower
+  at_upper = trial >= upper
+  free = ~(at_lower | at_upper)
+  fixed = jnp.where(at_lower, lower, jnp.where(at_upper, upper, 0.0))
+  fixed = jnp.where(free, 0.0, fixed)
+  both = free[..., :, None] & free[..., None, :]
+  eye = jnp.eye(h.shape[0], dtype=h.dtype)
+  mat = jnp.where(both, h, 0.0) + jnp.where(free, 0.0, 1.0)[..., None] * eye
+  rhs = jnp.where(free, -(q + fixed @ h.T), fixed)
+  cand = jnp.linalg.solve(mat, rhs[..., None])[..., 0]
+  cand = jnp.where(free, cand, fixed)
+  span = 1e-6 * (1.0 + jnp.abs(cand))
+  feasible = jnp.all((cand >= lower - span) & (cand <= upper + span) & jnp.isfinite(cand), axis=-1)
+  cand = jnp.clip(cand, lower, upper)
+  obj = _objective(h, q, x)
+  better = _objective(h, q, cand) <= obj + 1e-6 * jnp.abs(obj)  # relative: objectives may be tiny
+  take = (feasible & better)[..., None]
+  return jnp.where(take, cand, x)
+
+
+def nonneg_qp(h, q, x0=None, **kw):
+  """``min 1/2 x^T h x + q^T x  s.t.  x >= 0`` (see :func:`box_qp`)."""
+  return box_qp(h, q, 0.0, jnp.inf, x0, **kw)
+
+
+def project_simplex(v: jax.Array, s: float = 1.0) -> jax.Array:
+  """Euclidean projection of ``v`` (..., K) onto ``{w >= 0, sum_k w_k = s}`` (s > 0), row-wise.
+
+  ``optax.projections.projection_simplex`` (the sort-based algorithm of Held, Wolfe & Crowder
+  1974 / Duchi et al. 2008), mapped over the leading dimensions.
+  """
+  v = jnp.asarray(v, jnp.float32)
+  fn = lambda x: optax.projections.projection_simplex(x, s)
+  for _ in range(v.ndim - 1):
+    fn = jax.vmap(fn)
+  return fn(v)
+
+
+def dual_cone_weights(u: jax.Array, gramian: jax.Array, norm_eps: float = 1e-4,
+                      reg_eps: float = 1e-4) -> jax.Array:
+  """Weights of the projection of ``J^T u`` onto the dual cone ``{x : J x >= 0}``.
+
+  Quinton & Rey (2024), "Jacobian Descent for Multi-Objective Optimization", Proposition 1: the
+  projection is ``J^T v`` with ``v = argmin_{v >= u} v^T G v``, ``G = J J^T``. As in TorchJD, the
+  Gramian is first normalised by its trace (the squared Frobenius norm of ``J``; a Gramian with
+  trace below ``norm_eps`` becomes 0) and ``reg_eps * I`` is added for the solve. Then (ours,
+  not TorchJD's) active-set polishing on the unregularised normalised Gramian removes the ridge's
+  bias, so ``G v >= 0`` holds to float32 rounding instead of ``-reg_eps v``. ``u`` may be (..., K):
+  each row is projected. Scaling ``G`` by ``c > 0`` leaves ``v`` unchanged (the normalisation).
+  """
+  g = jnp.asarray(gramian, jnp.float32)
+  k = g.shape[0]
+  trace = jnp.trace(g)
+  g = jnp.where(trace < norm_eps, 0.0, g / jnp.where(trace < norm_eps, 1.0, trace))
+  eye = jnp.eye(k, dtype=g.dtype)
+  u = jnp.asarray(u, jnp.float32)
+  v = box_qp(2.0 * (g + reg_eps * eye), jnp.zeros_like(u), u, jnp.inf)
+  # The ridge leaves (G v)_k = -reg_eps v_k < 0 on the free set, a conflict of ~reg_eps: polish on
+  # the unregularised Gramian, where the exact active-set step gives (G v)_k = 0 there (kept only
+  # where it is feasible and not worse, e.g. not where G's free block is singular).
+  return box_qp(2.0 * g, jnp.zeros_like(u), u, jnp.inf, v, max_iter=0, polish=2)
+
+
+def pref_weights(pref_vector, num_tasks: int, name: str) -> jax.Array:
+  """TorchJD's preference vector: ``None`` -> the mean (1/K each), else the given (K,) vector."""
+  if pref_vector is None:
+    return jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)
+  p = jnp.asarray(pref_vector, jnp.float32)
+  if p.shape != (num_tasks,):
+    raise ValueError(f"{name}: pref_vector has shape {p.shape}, expected ({num_tasks},)")
+  return p

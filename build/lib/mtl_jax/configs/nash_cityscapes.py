@@ -1,0 +1,12 @@
+"""Nash-MTL (Navon et al., ICML 2022) on ``cityscapes_base`` (the benchmark's protocol there).
+
+    python launch/train.py --config=configs/nash_cityscapes.py:smoke --workdir=/tmp/nash_cityscapes
+"""
+
+from mtl_jax.configs.cityscapes_base import get_base
+
+
+def get_config(arg: str = ""):
+  c = get_base(arg)
+  c.combiner.name = "nash_mtl"
+  return c

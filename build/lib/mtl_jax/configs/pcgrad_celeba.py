@@ -1,0 +1,12 @@
+"""PCGrad (Yu et al., NeurIPS 2020) on CelebA-40 under the FAMO protocol (see ``celeba_base``).
+
+    python launch/train.py --config=configs/pcgrad_celeba.py:smoke --workdir=/tmp/pcgrad_celeba
+"""
+
+from mtl_jax.configs.celeba_base import get_base
+
+
+def get_config(arg: str = ""):
+  c = get_base(arg)
+  c.combiner.name = "pcgrad"
+  return c

@@ -1,0 +1,1 @@
+"""Sweep configs for ``launch/sweep.py``."""
