@@ -411,14 +411,19 @@ def init_state(config, model, bench, method: combiners.Method, tx, mesh):
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   constants = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
+  plateau = make_plateau(config)
+  # The optimizer, combiner and plateau states in one program too (eagerly, a model with many
+  # leaves, e.g. a branched one after a split, dispatches thousands of small ops).
+  opt_state, combiner_state, plateau_state = jax.jit(
+      lambda p: (tx.init(p), method.transform().init(p), plateau.init(p)))(params)
   state = TrainState(
       params=params,
       batch_stats=batch_stats,
-      opt_state=tx.init(params),
-      combiner_state=method.transform().init(params),
+      opt_state=opt_state,
+      combiner_state=combiner_state,
       step=jnp.zeros((), jnp.int32),
       rng=jax.random.key_data(data_key),
-      plateau=make_plateau(config).init(params))
+      plateau=plateau_state)
   return replicate(state, mesh), replicate(constants, mesh)
 
 

@@ -26,6 +26,10 @@ substituted (and why) is stated per handler:
   name must be one prepare knows and every flag one it defines; `tests/test_prepare.py` runs each
   preparation on fabricated miniatures of those files.
 * ```` ```text ```` blocks are diagrams, not commands.
+* The "Learning the sharing structure" blocks: the smoke run and the line that prints its trees
+  as written (workdir: a temporary directory; the run must split once, at step 2); the structure
+  sweep with `--dry_run` appended (its smoke grid is 8 trainings; the sweep machinery itself is
+  run above and in tests/test_sweep_report.py).
 * Not run, with the reason: the install lines (`python3 -m venv`, `pip install`: the network;
   `.ci/run` runs them on every CI build) and `python -m pytest` (this suite).
 """
@@ -109,6 +113,8 @@ def _claims(block) -> list[str]:
     return ["diagram"]  # a picture in text (docs/architecture.md), nothing to run
   if lang in ("bash", "sh") and body.startswith("for i in"):
     return ["multiprocess"]
+  if lang in ("bash", "sh") and _is_structure(body):
+    return ["structure"]
   if lang in ("bash", "sh"):
     return [_kind(c) for c in _commands(body)]
   return ["unknown"]
@@ -127,9 +133,14 @@ def _run(cmd: str, cwd, timeout: int = 300) -> str:
   return res.stdout
 
 
+def _is_structure(body: str) -> bool:
+  return "config.structure." in body or "sweeps/structure_" in body
+
+
 def _of_kind(kind: str) -> list[str]:
   return [c for where, lang, body in BLOCKS if lang in ("bash", "sh")
-          and not body.startswith("for i in") for c in _commands(body) if _kind(c) == kind]
+          and not body.startswith("for i in") and not _is_structure(body)
+          for c in _commands(body) if _kind(c) == kind]
 
 
 def _python_blocks(kind: str) -> list[str]:
@@ -295,3 +306,16 @@ def test_prepare_commands_name_real_datasets_and_flags():
     assert argv[0] in prepare.NAMES, f"{cmd}: unknown dataset (valid: {prepare.NAMES})"
     for arg in argv[1:]:
       assert arg.startswith("--") and f"{arg.split('=')[0]}:" in helps, f"{cmd}: {arg}"
+
+
+def test_structure_blocks(tmp_path):
+  blocks = [b for w, lang, b in BLOCKS if lang == "bash" and _is_structure(b)]
+  assert len(blocks) == 2
+  work = str(tmp_path / "structure_smoke")
+  train_cmd, show = [c.replace("/tmp/structure_smoke", work) for c in _commands(blocks[0])]
+  _run(train_cmd, ROOT)
+  trees = eval(_run(show, tmp_path))  # pylint: disable=eval-used  (the printed dict)
+  assert sorted(trees, key=int) == ["0", "2"] and trees["2"] != trees["0"], trees  # one split
+  (sweep,) = _commands(blocks[1])
+  out = _run(_replace_flag(sweep, "workdir", str(tmp_path / "sw")) + " --dry_run", ROOT)
+  assert "sweep: 8 runs" in out and "/affinity/nash_mtl/" in out, out[-2000:]
