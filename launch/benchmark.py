@@ -25,6 +25,10 @@ Nash-MTL step without taps (``references.nash_mtl_untapped_s``).
 64x64, batch 256) with 0, 1 and 2 grain workers, against the examples/s one LS training step of
 the CelebA-40 protocol model consumes, and their ratios.
 
+``loop``: ``fit``'s steps/s against a bare Python loop over the same jitted step (the trainer's
+``build_program``: its ``make_train_step``, loader and sharding) on a synthetic MLP whose step takes
+about a millisecond, interleaved; the ratio's bound (>= 0.9, issue 18) applies at the defaults.
+
 ``params``: the parameter count of every sharing strategy for a backbone and K tasks (one-unit
 binary heads, as CelebA's), its ratio to K single-task models, and a JSON file
 ``{strategy: count, ..., "single_task": count of one single-task model}``. Counts come from
@@ -224,6 +228,101 @@ def run_data(args) -> dict:
         f"{step_rate:.0f} examples/s")
   for w, r in rates.items():
     print(f"  workers={w}: {r:8.0f} examples/s  ratio to the step {r / step_rate:.2f}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+  return report
+
+
+# ---------------------------------------------------------------------------------------------
+# ``loop``: the trainer's loop against a bare loop over the same jitted step (issue 18.3).
+
+LOOP_BOUND = 0.9  # fit's steps/s / the bare loop's, at LOOP_SIZES
+# The sizes the bound was set for (the defaults below): a synthetic MLP whose step takes about a
+# millisecond on the 2-core CPU this was measured on, the step time at which the loop's own
+# per-step host work would show.
+LOOP_SIZES = {"steps": 2000, "batch_size": 128, "width": 128, "depth": 2, "combiner": "ls"}
+
+
+def _loop_args(p: argparse.ArgumentParser):
+  p.add_argument("--steps", type=int, default=LOOP_SIZES["steps"],
+                 help="training steps of each run (the first, compiling one is not timed)")
+  p.add_argument("--batch_size", type=int, default=LOOP_SIZES["batch_size"])
+  p.add_argument("--width", type=int, default=LOOP_SIZES["width"], help="the MLP's hidden width")
+  p.add_argument("--depth", type=int, default=LOOP_SIZES["depth"])
+  p.add_argument("--combiner", default=LOOP_SIZES["combiner"])
+  p.add_argument("--log_every", type=int, default=20,
+                 help="fit's log interval: the steps between its reads of the device's metrics")
+  p.add_argument("--repeats", type=int, default=3, help="fit / bare-loop pairs, interleaved")
+  p.add_argument("--out", default="", help="write the JSON report here")
+
+
+def _loop_config(args):
+  from mtl_jax.configs import synthetic  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config("")
+  config.data.width, config.data.depth = args.width, args.depth
+  config.data.num_train = max(4 * args.batch_size, 512)
+  config.combiner.name = args.combiner
+  t = config.train
+  t.batch_size, t.num_steps, t.log_every = args.batch_size, args.steps, args.log_every
+  t.eval_every = t.checkpoint_every = args.steps  # once, at the end (untimed by fit)
+  return config
+
+
+def _bare_rate(p, steps: int) -> tuple:
+  """Steps/s of a bare Python loop over ``p``'s jitted step and loader (the program has run its
+  compiling first step): the next batch, shard it, step; one wait at the end. Returns
+  ``(steps/s, state)``."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from mtl_jax import train  # pylint: disable=g-import-not-at-top
+  state = p.state
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = p.step_fn(state, train.shard_batch(next(p.loader), p.mesh))
+  jax.block_until_ready((state, metrics))
+  return steps / (time.perf_counter() - t), state
+
+
+@subcommand("loop", _loop_args)
+def run_loop(args) -> dict:
+  """``fit``'s steps/s (its own count: training steps only, the compiling first one excluded)
+  against a bare loop over the same program (:func:`mtl_jax.train.build_program`: the trainer's
+  own ``make_train_step``, loader and sharding), on the synthetic MLP; ratio >= 0.9 at
+  ``LOOP_SIZES``: the loop's logging, NaN checks and progress cost at most 10%."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bench import timing as bt  # pylint: disable=g-import-not-at-top
+
+  from mtl_jax import train  # pylint: disable=g-import-not-at-top
+  config = _loop_config(args)
+  p = train.build_program(config)
+  state, m = p.step_fn(p.state, train.shard_batch(next(p.loader), p.mesh))  # compiles
+  jax.block_until_ready(m)
+  p = p._replace(state=state)
+  fit_rates, bare_rates = [], []
+  for _ in range(max(int(args.repeats), 1)):
+    rate, state = _bare_rate(p, args.steps - 1)  # as many timed steps as fit's
+    bare_rates.append(rate)
+    p = p._replace(state=state)
+    with tempfile.TemporaryDirectory() as workdir:
+      fit_rates.append(train.fit(config, workdir, progress=False)["steps_per_sec"])
+  fit_s, bare_s = bt.median(fit_rates), bt.median(bare_rates)
+  checks = []
+  _check(checks, "fit steps/s / bare loop steps/s", fit_s / bare_s, LOOP_BOUND,
+         lower_is_better=False)
+  at_sizes = all(getattr(args, k) == v for k, v in LOOP_SIZES.items())
+  if not at_sizes:
+    checks[0]["ok"] = None
+  report = {"config": {k: getattr(args, k) for k in (*LOOP_SIZES, "log_every", "repeats")},
+            "machine": _machine(), "step_ms": 1e3 / bare_s,
+            "fit_steps_per_s": fit_s, "bare_steps_per_s": bare_s, "ratio": fit_s / bare_s,
+            "fit_calls": fit_rates, "bare_calls": bare_rates,
+            "pair_ratios": [f / b for f, b in zip(fit_rates, bare_rates)], "checks": checks,
+            "bounds_applied": at_sizes}
+  print(f"synthetic MLP (width {args.width}, depth {args.depth}, batch {args.batch_size}, "
+        f"{args.combiner}), {args.steps} steps, log_every {args.log_every}: one step "
+        f"{report['step_ms']:.2f} ms; fit {fit_s:.0f} steps/s, bare loop {bare_s:.0f} steps/s")
+  print(_format_check(checks[0]))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(report, f, indent=1)
