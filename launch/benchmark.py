@@ -142,6 +142,8 @@ def _data_args(p: argparse.ArgumentParser):
   p.add_argument("--batches", type=int, default=8, help="timed batches per worker count")
   p.add_argument("--steps", type=int, default=3, help="timed training steps")
   p.add_argument("--width", type=int, default=0, help="CNN width (0: the protocol's 64)")
+  p.add_argument("--tasks", default="all",
+                 help="the step's CelebA attributes, comma-separated (default: all 40)")
   p.add_argument("--out", default="", help="write the JSON report here")
 
 
@@ -209,6 +211,7 @@ def run_data(args) -> dict:
     config.data.data_dir = _fabricated_celeba(root, args.num_images)
     config.data.image_size, config.train.batch_size, config.model.width = (
         args.image_size, bs, args.width)
+    config.tasks = args.tasks
     rates = {}
     for w in [int(x) for x in args.workers.split(",")]:
       config.data.workers = w
@@ -220,7 +223,8 @@ def run_data(args) -> dict:
       rates[w] = args.batches * bs / (time.perf_counter() - t)
       loader.close()
     step_rate = _step_rate(config, batch, args.steps) * bs
-  report = {"batch_size": bs, "image_size": args.image_size, "step_examples_per_s": step_rate,
+  report = {"batch_size": bs, "image_size": args.image_size, "tasks": args.tasks,
+            "step_examples_per_s": step_rate,
             "pipeline_examples_per_s": rates, "cpu_count": os.cpu_count(),
             "ratio_to_step": {w: r / step_rate for w, r in rates.items()}}
   print(f"CelebA pipeline, {args.image_size}x{args.image_size}, batch {bs} "
