@@ -25,6 +25,10 @@ Nash-MTL step without taps (``references.nash_mtl_untapped_s``).
 64x64, batch 256) with 0, 1 and 2 grain workers, against the examples/s one LS training step of
 the CelebA-40 protocol model consumes, and their ratios.
 
+``loop``: ``fit``'s steps/s against a bare Python loop over the same jitted step (the trainer's
+``build_program``: its ``make_train_step``, loader and sharding) on a synthetic MLP whose step takes
+about a millisecond, interleaved; the ratio's bound (>= 0.9, issue 18) applies at the defaults.
+
 ``params``: the parameter count of every sharing strategy for a backbone and K tasks (one-unit
 binary heads, as CelebA's), its ratio to K single-task models, and a JSON file
 ``{strategy: count, ..., "single_task": count of one single-task model}``. Counts come from
@@ -138,6 +142,8 @@ def _data_args(p: argparse.ArgumentParser):
   p.add_argument("--batches", type=int, default=8, help="timed batches per worker count")
   p.add_argument("--steps", type=int, default=3, help="timed training steps")
   p.add_argument("--width", type=int, default=0, help="CNN width (0: the protocol's 64)")
+  p.add_argument("--tasks", default="all",
+                 help="the step's CelebA attributes, comma-separated (default: all 40)")
   p.add_argument("--out", default="", help="write the JSON report here")
 
 
@@ -205,6 +211,7 @@ def run_data(args) -> dict:
     config.data.data_dir = _fabricated_celeba(root, args.num_images)
     config.data.image_size, config.train.batch_size, config.model.width = (
         args.image_size, bs, args.width)
+    config.tasks = args.tasks
     rates = {}
     for w in [int(x) for x in args.workers.split(",")]:
       config.data.workers = w
@@ -216,7 +223,8 @@ def run_data(args) -> dict:
       rates[w] = args.batches * bs / (time.perf_counter() - t)
       loader.close()
     step_rate = _step_rate(config, batch, args.steps) * bs
-  report = {"batch_size": bs, "image_size": args.image_size, "step_examples_per_s": step_rate,
+  report = {"batch_size": bs, "image_size": args.image_size, "tasks": args.tasks,
+            "step_examples_per_s": step_rate,
             "pipeline_examples_per_s": rates, "cpu_count": os.cpu_count(),
             "ratio_to_step": {w: r / step_rate for w, r in rates.items()}}
   print(f"CelebA pipeline, {args.image_size}x{args.image_size}, batch {bs} "
@@ -224,6 +232,101 @@ def run_data(args) -> dict:
         f"{step_rate:.0f} examples/s")
   for w, r in rates.items():
     print(f"  workers={w}: {r:8.0f} examples/s  ratio to the step {r / step_rate:.2f}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+  return report
+
+
+# ---------------------------------------------------------------------------------------------
+# ``loop``: the trainer's loop against a bare loop over the same jitted step (issue 18.3).
+
+LOOP_BOUND = 0.9  # fit's steps/s / the bare loop's, at LOOP_SIZES
+# The sizes the bound was set for (the defaults below): a synthetic MLP whose step takes about a
+# millisecond on the 2-core CPU this was measured on, the step time at which the loop's own
+# per-step host work would show.
+LOOP_SIZES = {"steps": 2000, "batch_size": 128, "width": 128, "depth": 2, "combiner": "ls"}
+
+
+def _loop_args(p: argparse.ArgumentParser):
+  p.add_argument("--steps", type=int, default=LOOP_SIZES["steps"],
+                 help="training steps of each run (the first, compiling one is not timed)")
+  p.add_argument("--batch_size", type=int, default=LOOP_SIZES["batch_size"])
+  p.add_argument("--width", type=int, default=LOOP_SIZES["width"], help="the MLP's hidden width")
+  p.add_argument("--depth", type=int, default=LOOP_SIZES["depth"])
+  p.add_argument("--combiner", default=LOOP_SIZES["combiner"])
+  p.add_argument("--log_every", type=int, default=20,
+                 help="fit's log interval: the steps between its reads of the device's metrics")
+  p.add_argument("--repeats", type=int, default=3, help="fit / bare-loop pairs, interleaved")
+  p.add_argument("--out", default="", help="write the JSON report here")
+
+
+def _loop_config(args):
+  from mtl_jax.configs import synthetic  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config("")
+  config.data.width, config.data.depth = args.width, args.depth
+  config.data.num_train = max(4 * args.batch_size, 512)
+  config.combiner.name = args.combiner
+  t = config.train
+  t.batch_size, t.num_steps, t.log_every = args.batch_size, args.steps, args.log_every
+  t.eval_every = t.checkpoint_every = args.steps  # once, at the end (untimed by fit)
+  return config
+
+
+def _bare_rate(p, steps: int) -> tuple:
+  """Steps/s of a bare Python loop over ``p``'s jitted step and loader (the program has run its
+  compiling first step): the next batch, shard it, step; one wait at the end. Returns
+  ``(steps/s, state)``."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from mtl_jax import train  # pylint: disable=g-import-not-at-top
+  state = p.state
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = p.step_fn(state, train.shard_batch(next(p.loader), p.mesh))
+  jax.block_until_ready((state, metrics))
+  return steps / (time.perf_counter() - t), state
+
+
+@subcommand("loop", _loop_args)
+def run_loop(args) -> dict:
+  """``fit``'s steps/s (its own count: training steps only, the compiling first one excluded)
+  against a bare loop over the same program (:func:`mtl_jax.train.build_program`: the trainer's
+  own ``make_train_step``, loader and sharding), on the synthetic MLP; ratio >= 0.9 at
+  ``LOOP_SIZES``: the loop's logging, NaN checks and progress cost at most 10%."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bench import timing as bt  # pylint: disable=g-import-not-at-top
+
+  from mtl_jax import train  # pylint: disable=g-import-not-at-top
+  config = _loop_config(args)
+  p = train.build_program(config)
+  state, m = p.step_fn(p.state, train.shard_batch(next(p.loader), p.mesh))  # compiles
+  jax.block_until_ready(m)
+  p = p._replace(state=state)
+  fit_rates, bare_rates = [], []
+  for _ in range(max(int(args.repeats), 1)):
+    rate, state = _bare_rate(p, args.steps - 1)  # as many timed steps as fit's
+    bare_rates.append(rate)
+    p = p._replace(state=state)
+    with tempfile.TemporaryDirectory() as workdir:
+      fit_rates.append(train.fit(config, workdir, progress=False)["steps_per_sec"])
+  fit_s, bare_s = bt.median(fit_rates), bt.median(bare_rates)
+  checks = []
+  _check(checks, "fit steps/s / bare loop steps/s", fit_s / bare_s, LOOP_BOUND,
+         lower_is_better=False)
+  at_sizes = all(getattr(args, k) == v for k, v in LOOP_SIZES.items())
+  if not at_sizes:
+    checks[0]["ok"] = None
+  report = {"config": {k: getattr(args, k) for k in (*LOOP_SIZES, "log_every", "repeats")},
+            "machine": _machine(), "step_ms": 1e3 / bare_s,
+            "fit_steps_per_s": fit_s, "bare_steps_per_s": bare_s, "ratio": fit_s / bare_s,
+            "fit_calls": fit_rates, "bare_calls": bare_rates,
+            "pair_ratios": [f / b for f, b in zip(fit_rates, bare_rates)], "checks": checks,
+            "bounds_applied": at_sizes}
+  print(f"synthetic MLP (width {args.width}, depth {args.depth}, batch {args.batch_size}, "
+        f"{args.combiner}), {args.steps} steps, log_every {args.log_every}: one step "
+        f"{report['step_ms']:.2f} ms; fit {fit_s:.0f} steps/s, bare loop {bare_s:.0f} steps/s")
+  print(_format_check(checks[0]))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(report, f, indent=1)
@@ -616,178 +719,239 @@ def _step_benchmark(args, cache_dir, load_before, t_start, nash_module):
                   load_before, t_start, nash_module)
 
 
-def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_s, load_before,
-             t_start, nash_module):
-  import jax
-  import jax.numpy as jnp
-  from bench import steps as bu, timing as bt
-  from mtl_jax import combiners
-  k = setup.num_tasks
-  run = lambda label, state=None: (
-      lambda: progs[label]["compiled"](state or progs[label]["state"], progs[label]["batch"]))
+class _Timing:
+  """What the step benchmark's measuring sections share: the compiled programs and the inputs,
+  then the figures each section adds (the references first: every later section divides by them).
+  (A plain class: a dataclass needs its module in ``sys.modules``, and a test loads this file
+  by path.)"""
 
-  # References, interleaved: plain flax, LS, Jacobian-only, exact Nash-MTL (jacobian mode).
-  ref_fns = {label: run(label) for label in ("plain", "ls", "jacobian_only")}
-  nash_at = next(((label, index) for label, p in progs.items() for c, mode, index in p["rows"]
-                  if (c, mode) == ("nash_mtl", "jacobian")), None)
-  if nash_at is not None:
-    label, index = nash_at
-    ref_fns["nash_mtl"] = run(label, _select(progs[label], index))
-  if "nash_untapped" in progs:
-    ref_fns["nash_untapped"] = run("nash_untapped")
-  phases = {}
-  mark = [time.perf_counter()]
+  def __init__(self, args, setup, names, progs, cache_dir, nash_module):
+    self.args, self.setup, self.names, self.progs = args, setup, names, progs
+    self.cache_dir, self.nash_module = cache_dir, nash_module
+    self.phases, self.mark = {}, time.perf_counter()
+    self.nash_at = None  # (program label, switch index) of exact Nash-MTL, jacobian mode
+    self.ref_s, self.ref_calls = {}, {}  # median seconds of each reference; every call's
+    self.rows = []
+    self.gramian_ms = self.combine_ms = float("nan")
+    self.weigh, self.nash_every, self.solve, self.gramian_solve = {}, {}, {}, {}
+    self.scaling_k, self.scaling_devices = {}, {}
 
-  def phase(name):  # seconds since the previous phase ended
+  @property
+  def ls_s(self) -> float:
+    return self.ref_s["ls"]
+
+  @property
+  def jac_s(self) -> float:
+    return self.ref_s["jacobian_only"]
+
+  @property
+  def mem_ls(self) -> float:
+    return self.progs["ls"]["memory"].get("peak", float("nan"))
+
+  def run(self, label, state=None):
+    """A call of program ``label`` on its batch (and its own state unless ``state``)."""
+    p = self.progs[label]
+    return lambda: p["compiled"](state or p["state"], p["batch"])
+
+  def phase(self, name):  # seconds since the previous phase ended
     now = time.perf_counter()
-    phases[name] = now - mark[0]
-    mark[0] = now
+    self.phases[name] = now - self.mark
+    self.mark = now
 
-  ref_calls = {}
-  ref_s = _interleaved(ref_fns, args.ref_repeats, ref_calls)
-  phase("references")
-  ls_s, jac_s = ref_s["ls"], ref_s["jacobian_only"]
-  mem_ls = progs["ls"]["memory"].get("peak", float("nan"))
-
-  rows = []
-
-  def add_row(combiner, mode, step_s, label, repeats, jac_ref_s=None, faults=None):
-    mem = progs[label]["memory"]
-    ref = jac_ref_s or jac_s
-    rows.append({
-        "combiner": combiner, "mode": mode, "step_s": step_s, "ratio_to_ls": step_s / ls_s,
+  def add_row(self, combiner, mode, step_s, label, repeats, jac_ref_s=None, faults=None):
+    mem = self.progs[label]["memory"]
+    ref = jac_ref_s or self.jac_s
+    self.rows.append({
+        "combiner": combiner, "mode": mode, "step_s": step_s, "ratio_to_ls": step_s / self.ls_s,
         "ratio_to_jacobian": step_s / ref, "jacobian_ref_s": ref,
         "peak_mem_mb": mem.get("peak", float("nan")), "memory_mb": mem, "program": label,
-        "repeats": repeats, "compile_s": progs[label]["compile_s"], "minor_faults": faults})
+        "repeats": repeats, "compile_s": self.progs[label]["compile_s"], "minor_faults": faults})
 
-  add_row("ls", "losses", ls_s, "ls", args.ref_repeats)
-  if nash_at is not None:
-    add_row("nash_mtl", "jacobian", ref_s["nash_mtl"], nash_at[0], args.ref_repeats)
-  for label, p in progs.items():
+
+def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_s, load_before,
+             t_start, nash_module):
+  """The measuring sections in order, then the report (printed, and written to ``--out``)."""
+  del rng
+  t = _Timing(args, setup, names, progs, cache_dir, nash_module)
+  _time_references(t)
+  t.phase("references")
+  _time_rows(t)
+  t.phase("rows")
+  _isolated_costs(t)
+  t.phase("isolated weighting costs")
+  _time_nash_every(t)
+  t.phase("update_weights_every")
+  t.solve = nash_module.nash_solve_timing(_csv(args.nash_ks, int), repeats=args.nash_repeats)
+  t.gramian_solve = nash_module.gramian_solve_timing(names, k=args.solve_k)
+  t.phase("Nash-MTL solve")
+  _time_scaling(t)
+  t.phase("scaling")
+  checks = _step_checks(t)
+  bounds_applied = _apply_bounds(checks, args)
+  report = _step_report(t, checks, bounds_applied, compile_report, compile_s, load_before,
+                        t_start)
+  report["machine"]["load_after"] = os.getloadavg()
+  print(format_step_report(report))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+  return report
+
+
+def _time_references(t: _Timing) -> None:
+  """References, interleaved: plain flax, LS, Jacobian-only, exact Nash-MTL (jacobian mode); LS
+  and Nash-MTL are rows too."""
+  progs = t.progs
+  ref_fns = {label: t.run(label) for label in ("plain", "ls", "jacobian_only")}
+  t.nash_at = next(((label, index) for label, p in progs.items() for c, mode, index in p["rows"]
+                    if (c, mode) == ("nash_mtl", "jacobian")), None)
+  if t.nash_at is not None:
+    label, index = t.nash_at
+    ref_fns["nash_mtl"] = t.run(label, _select(progs[label], index))
+  if "nash_untapped" in progs:
+    ref_fns["nash_untapped"] = t.run("nash_untapped")
+  t.ref_s = _interleaved(ref_fns, t.args.ref_repeats, t.ref_calls)
+  t.add_row("ls", "losses", t.ls_s, "ls", t.args.ref_repeats)
+  if t.nash_at is not None:
+    t.add_row("nash_mtl", "jacobian", t.ref_s["nash_mtl"], t.nash_at[0], t.args.ref_repeats)
+
+
+def _time_rows(t: _Timing) -> None:
+  """Every other (combiner, mode) row, program by program."""
+  for label, p in t.progs.items():
     if label in ("plain", "jacobian_only", "ls", "nash_untapped") or label.startswith(
         ("nash_every", "scale_k:")):
       continue
-    reps = args.heavy_repeats if p["heavy"] else args.repeats
-    warmed = nash_at is not None and label == nash_at[0]  # the references ran it already
-    # The rows that carry the 5% bound (Gramian weightings, jacobian mode) are divided by the
-    # median of Jacobian-only calls timed between them, one after every four rows: the machine's
-    # speed drifts over a run, and single calls vary by ~2%, both near the bound. Other heavy rows
-    # are divided by the interleaved reference.
-    bound = label.startswith("switch:") and label.endswith("/jacobian")
-    ref_times = []
-    time_ref = lambda: ref_times.extend(bt.time_calls(run("jacobian_only"), 1, warmup=0))
-    pending = []
-    timed = [r for r in p["rows"] if (r[0], r[1]) != ("nash_mtl", "jacobian")]  # Nash: above
-    if bound and timed:
-      time_ref()
-    for i, (combiner, mode, index) in enumerate(timed):
-      state = _select(p, index)
-      if not warmed:
-        bt.block(run(label, state)())
-      f0 = bt.minor_faults()
-      times = bt.time_calls(run(label, state), reps, warmup=0)
-      faults = (bt.minor_faults() - f0) // max(int(reps), 1)
-      warmed = True
-      pending.append((combiner, mode, bt.median(times), faults))
-      if bound and (i % 4 == 3 or i == len(timed) - 1):
-        time_ref()
-    jac_ref = bt.median(ref_times) if ref_times else None
-    for combiner, mode, step_s, faults in pending:
-      add_row(combiner, mode, step_s, label, reps, jac_ref, faults)
-      print(f"  {combiner:<12} {mode:<9} {step_s:8.3f} s"
-            + (f"  / Jacobian-only {rows[-1]['ratio_to_jacobian']:.3f}" if jac_ref else ""),
-            flush=True)
+    _time_program(t, label, p)
 
-  phase("rows")
-  # The weighting's own cost, isolated: Gramian of the held Jacobian, weigh, weighted sum -- on
-  # the task-minor Jacobian, the layout the engine's jacobian mode holds for untapped leaves.
-  jac, losses = run("jacobian_only")()
+
+def _time_program(t: _Timing, label: str, p: dict) -> None:
+  from bench import timing as bt
+  reps = t.args.heavy_repeats if p["heavy"] else t.args.repeats
+  warmed = t.nash_at is not None and label == t.nash_at[0]  # the references ran it already
+  # The rows that carry the 5% bound (Gramian weightings, jacobian mode) are divided by the
+  # median of Jacobian-only calls timed between them, one after every four rows: the machine's
+  # speed drifts over a run, and single calls vary by ~2%, both near the bound. Other heavy rows
+  # are divided by the interleaved reference.
+  bound = label.startswith("switch:") and label.endswith("/jacobian")
+  ref_times = []
+  time_ref = lambda: ref_times.extend(bt.time_calls(t.run("jacobian_only"), 1, warmup=0))
+  pending = []
+  timed = [r for r in p["rows"] if (r[0], r[1]) != ("nash_mtl", "jacobian")]  # Nash: above
+  if bound and timed:
+    time_ref()
+  for i, (combiner, mode, index) in enumerate(timed):
+    state = _select(p, index)
+    if not warmed:
+      bt.block(t.run(label, state)())
+    f0 = bt.minor_faults()
+    times = bt.time_calls(t.run(label, state), reps, warmup=0)
+    faults = (bt.minor_faults() - f0) // max(int(reps), 1)
+    warmed = True
+    pending.append((combiner, mode, bt.median(times), faults))
+    if bound and (i % 4 == 3 or i == len(timed) - 1):
+      time_ref()
+  jac_ref = bt.median(ref_times) if ref_times else None
+  for combiner, mode, step_s, faults in pending:
+    t.add_row(combiner, mode, step_s, label, reps, jac_ref, faults)
+    print(f"  {combiner:<12} {mode:<9} {step_s:8.3f} s"
+          + (f"  / Jacobian-only {t.rows[-1]['ratio_to_jacobian']:.3f}" if jac_ref else ""),
+          flush=True)
+
+
+def _isolated_costs(t: _Timing) -> None:
+  """The weighting's own cost, isolated: Gramian of the held Jacobian, weigh, weighted sum -- on
+  the task-minor Jacobian, the layout the engine's jacobian mode holds for untapped leaves."""
+  import jax
+  import jax.numpy as jnp
+  from bench import timing as bt
+  from mtl_jax import combiners
+  setup, k, repeats = t.setup, t.setup.num_tasks, t.args.repeats
+  jac, losses = t.run("jacobian_only")()
   jac = jax.jit(lambda j: jax.tree.map(lambda x: jnp.moveaxis(x, 0, -1), j))(jac)
   gram_fn = jax.jit(lambda j: combiners.base.gramian_of(j, setup.mask, task_axis=-1))
   gram = gram_fn(jac)
-  gramian_ms = 1e3 * bt.median(bt.time_calls(lambda: gram_fn(jac), args.repeats))
+  t.gramian_ms = 1e3 * bt.median(bt.time_calls(lambda: gram_fn(jac), repeats))
   ls_method = combiners.method("ls", k)
   sum_fn = jax.jit(lambda w, j: combiners.base.combine_jacobian(ls_method, w, j, setup.mask,
                                                                 task_axis=-1))
-  combine_ms = 1e3 * bt.median(bt.time_calls(lambda: sum_fn(jnp.ones((k,)), jac), args.repeats))
+  t.combine_ms = 1e3 * bt.median(bt.time_calls(lambda: sum_fn(jnp.ones((k,)), jac), repeats))
   del jac
-  weigh = {}
-  for n in names:
+  for n in t.names:
     m = combiners.method(n, k)
     if m.is_weighting and m.needs == combiners.base.GRAMIAN:
-      weigh[n] = nash_module.weigh_ms(m, setup.params, gram, losses)
-  for row in rows:
-    if row["combiner"] in weigh:
-      row["weigh_ms"] = weigh[row["combiner"]]
+      t.weigh[n] = t.nash_module.weigh_ms(m, setup.params, gram, losses)
+  for row in t.rows:
+    if row["combiner"] in t.weigh:
+      row["weigh_ms"] = t.weigh[row["combiner"]]
 
-  phase("isolated weighting costs")
-  # Nash-MTL with update_weights_every = n: the average over 2n consecutive steps.
-  nash_every = {}
-  n = int(args.update_weights_every)
+
+def _time_nash_every(t: _Timing) -> None:
+  """Nash-MTL with update_weights_every = n: the average over 2n consecutive steps."""
+  from bench import timing as bt
+  n = int(t.args.update_weights_every)
   for mode in HEAVY_MODES:
     label = f"nash_every_{mode}"
-    if label not in progs:
+    if label not in t.progs:
       continue
-    p = progs[label]
+    p = t.progs[label]
     # One warm-up cycle (a fresh and n-1 reusing steps: both branches run once), then 2n steps.
     _, warm = bt.time_threaded(p["compiled"], p["state"], p["batch"], n)
     times, _ = bt.time_threaded(p["compiled"], warm, p["batch"], 2 * n)
-    nash_every[mode] = {"n": n, "mean_step_s": float(sum(times) / len(times)),
-                        "fresh_step_s": float(max(times)), "reuse_step_s": bt.median(times),
-                        "peak_mem_mb": p["memory"].get("peak", float("nan"))}
+    t.nash_every[mode] = {"n": n, "mean_step_s": float(sum(times) / len(times)),
+                          "fresh_step_s": float(max(times)), "reuse_step_s": bt.median(times),
+                          "peak_mem_mb": p["memory"].get("peak", float("nan"))}
 
-  phase("update_weights_every")
-  # Nash-MTL's solve alone.
-  solve = nash_module.nash_solve_timing(_csv(args.nash_ks, int), repeats=args.nash_repeats)
-  nash_solve_ms = {str(kk): v["median_ms"] for kk, v in solve.items()}
-  gramian_solve = nash_module.gramian_solve_timing(names, k=args.solve_k)
 
-  phase("Nash-MTL solve")
-  # Scaling with K (programs compiled with the others) and with the device count (subprocesses,
-  # their programs in the compile cache).
-  scaling_k = {str(k): {"jacobian_s": jac_s}}
-  for label in progs:
+def _time_scaling(t: _Timing) -> None:
+  """Scaling with K (programs compiled with the others) and with the device count (subprocesses,
+  their programs in the compile cache)."""
+  args = t.args
+  t.scaling_k = {str(t.setup.num_tasks): {"jacobian_s": t.jac_s}}
+  for label in t.progs:
     if label.startswith("scale_k:"):
-      scaling_k[label.split(":")[1]] = _interleaved({"jacobian_s": run(label)},
-                                                     max(args.repeats // 2, 1))
-  scaling_devices = {}
+      t.scaling_k[label.split(":")[1]] = _interleaved({"jacobian_s": t.run(label)},
+                                                       max(args.repeats // 2, 1))
   for nd in _csv(args.devices, int):
     if nd == 1:
-      scaling_devices["1"] = {"ls_s": ls_s, "nash_mtl_s": ref_s.get("nash_mtl")}
+      t.scaling_devices["1"] = {"ls_s": t.ls_s, "nash_mtl_s": t.ref_s.get("nash_mtl")}
       continue
-    scaling_devices[str(nd)] = _device_subprocess(nd, args, cache_dir)
+    t.scaling_devices[str(nd)] = _device_subprocess(nd, args, t.cache_dir)
 
-  phase("scaling")
-  checks = []
-  by = {(r["combiner"], r["mode"]): r for r in rows}
+
+def _step_checks(t: _Timing) -> list:
+  """Issue 7's bounds (and issue 16's solve bound), each with its measured value."""
+  checks, ref_s, jac_s, ls_s = [], t.ref_s, t.jac_s, t.ls_s
+  by = {(r["combiner"], r["mode"]): r for r in t.rows}
   for (c, mode), r in sorted(by.items()):
-    if c in weigh and mode == "jacobian":
+    if c in t.weigh and mode == "jacobian":
+      parts = t.gramian_ms + t.weigh[c] + t.combine_ms
       _check(checks, f"{c}: jacobian-mode step / Jacobian-only", r["ratio_to_jacobian"],
              BOUNDS["gramian_weighting_overhead"],
-             note=f"isolated: Gramian {gramian_ms:.1f} ms + weigh {weigh[c]:.2f} ms + sum "
-             f"{combine_ms:.1f} ms = {(gramian_ms + weigh[c] + combine_ms) / (1e3 * jac_s):.2%}")
-  s40 = solve.get(40)
+             note=f"isolated: Gramian {t.gramian_ms:.1f} ms + weigh {t.weigh[c]:.2f} ms + sum "
+             f"{t.combine_ms:.1f} ms = {parts / (1e3 * jac_s):.2%}")
+  s40 = t.solve.get(40)
   if s40 is not None:
     _check(checks, "Nash-MTL solve at K=40 (ms)", s40["median_ms"], BOUNDS["nash_solve_ms_k40"],
            sized=False)
     _check(checks, "Nash-MTL solve K=40 relative KKT residual", s40["kkt_residual"],
            BOUNDS["nash_kkt_residual"], sized=False)
-  for c, ms in gramian_solve.items():
-    _check(checks, f"{c}: weighting at K={args.solve_k}, ill-conditioned Gramian (ms)", ms,
+  for c, ms in t.gramian_solve.items():
+    _check(checks, f"{c}: weighting at K={t.args.solve_k}, ill-conditioned Gramian (ms)", ms,
            BOUNDS["gramian_solve_ms_k40"])
-  gram_rows = [r for r in rows if r["mode"] == "gramian"]
+  gram_rows = [r for r in t.rows if r["mode"] == "gramian"]
   if gram_rows:
     worst = max(r["peak_mem_mb"] for r in gram_rows)
-    _check(checks, "gramian-mode peak memory / LS peak", worst / mem_ls,
-           BOUNDS["gramian_mode_memory"], note=f"{worst:.0f} MiB vs {mem_ls:.0f} MiB")
-  for r in rows:
+    _check(checks, "gramian-mode peak memory / LS peak", worst / t.mem_ls,
+           BOUNDS["gramian_mode_memory"], note=f"{worst:.0f} MiB vs {t.mem_ls:.0f} MiB")
+  for r in t.rows:
     if r["mode"] == "features":
       _check(checks, f"{r['combiner']}: features-mode step / LS", r["ratio_to_ls"],
              BOUNDS["features_mode_time"])
   if "nash_mtl" in ref_s:
     _check(checks, "Nash-MTL exact step / Jacobian-only", ref_s["nash_mtl"] / jac_s,
            BOUNDS["nash_exact_step"])
-  for mode, e in nash_every.items():
+  for mode, e in t.nash_every.items():
     full = ref_s.get("nash_mtl", jac_s) if mode == "jacobian" else by.get(
         ("nash_mtl", "gramian"), {}).get("step_s", e["fresh_step_s"])
     expected = (full + (e["n"] - 1) * ls_s) / e["n"]
@@ -797,49 +961,48 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
            note=f"mean {e['mean_step_s']:.3f} s vs full {full:.3f} s")
   _check(checks, "LS through the engine / plain flax step", ls_s / ref_s["plain"],
          BOUNDS["ls_overhead"])
-  bounds_applied = _apply_bounds(checks, args)
+  return checks
 
-  report = {
+
+def _step_report(t: _Timing, checks, bounds_applied, compile_report, compile_s, load_before,
+                 t_start) -> dict:
+  from bench import steps as bu
+  args, progs, ref_s = t.args, t.progs, t.ref_s
+  return {
       "config": {key: getattr(args, key) for key in (
           "image_size", "batch", "num_tasks", "width_mult", "ref_repeats", "repeats",
           "heavy_repeats",
           "gramian_chunk", "layer_gramian", "update_weights_every", "seed",
           "compiler_option")},
       "machine": dict(_machine(), load_before=load_before),
-      "num_params": bu.num_params(setup.params),
-      "rows": rows,
-      "references": {"calls_s": ref_calls, "plain_s": ref_s["plain"], "ls_s": ls_s,
-                     "jacobian_s": jac_s,
+      "num_params": bu.num_params(t.setup.params),
+      "rows": t.rows,
+      "references": {"calls_s": t.ref_calls, "plain_s": ref_s["plain"], "ls_s": t.ls_s,
+                     "jacobian_s": t.jac_s,
                      "nash_mtl_s": ref_s.get("nash_mtl"),
                      "nash_mtl_untapped_s": ref_s.get("nash_untapped"),
                      "nash_mtl_untapped_peak_mem_mb": progs.get("nash_untapped", {}).get(
                          "memory", {}).get("peak"),
-                     "gramian_ms": gramian_ms,
-                     "weighted_sum_ms": combine_ms,
+                     "gramian_ms": t.gramian_ms,
+                     "weighted_sum_ms": t.combine_ms,
                      "plain_peak_mem_mb": progs["plain"]["memory"].get("peak"),
-                     "ls_peak_mem_mb": mem_ls,
+                     "ls_peak_mem_mb": t.mem_ls,
                      "jacobian_peak_mem_mb": progs["jacobian_only"]["memory"].get("peak")},
-      "layer_taps": _layer_taps(setup, args),
-      "weigh_ms": weigh,
-      "nash_solve_ms": nash_solve_ms,
-      "nash_solve": {str(kk): v for kk, v in solve.items()},
-      "gramian_solve_ms": {"k": args.solve_k, "ms": gramian_solve},
-      "nash_update_weights_every": nash_every,
-      "scaling_k": scaling_k,
-      "scaling_devices": scaling_devices,
+      "layer_taps": _layer_taps(t.setup, args),
+      "weigh_ms": t.weigh,
+      "nash_solve_ms": {str(kk): v["median_ms"] for kk, v in t.solve.items()},
+      "nash_solve": {str(kk): v for kk, v in t.solve.items()},
+      "gramian_solve_ms": {"k": args.solve_k, "ms": t.gramian_solve},
+      "nash_update_weights_every": t.nash_every,
+      "scaling_k": t.scaling_k,
+      "scaling_devices": t.scaling_devices,
       "checks": checks,
       "bounds_applied": bounds_applied,
       "compile": compile_report,
-      "phases_s": phases,
+      "phases_s": t.phases,
       "compile_s": compile_s,
       "total_s": time.perf_counter() - t_start,
   }
-  report["machine"]["load_after"] = os.getloadavg()
-  print(format_step_report(report))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=1)
-  return report
 
 
 def _layer_taps(setup, args) -> list:

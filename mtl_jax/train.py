@@ -289,20 +289,7 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
   # Host copies: a device array closed over by shard_map must not carry a sharding on the
   # mesh's axes (JAX rejects closing over Explicit-axis arrays); numpy constants embed as-is.
   constants = jax.tree.map(np.asarray, dict(constants or {}))
-  if mode == "features":
-    if multi_input:
-      raise config_utils.ConfigError(
-          "engine mode 'features' needs single-input batches; valid for multi-input: "
-          "losses, gramian, jacobian")
-    if not model.has_split:
-      from mtl_jax import sharing  # pylint: disable=g-import-not-at-top
-      raise config_utils.ConfigError(
-          f"engine mode 'features' needs one shared representation; sharing {model.name!r} has "
-          f"none (valid: {', '.join(n for n in sharing.names() if sharing.base._SPLIT.get(n))})")
-    loss_fn = make_split_loss(model, tasks, constants)
-  else:
-    loss_fn = make_loss_fn(model, tasks, multi_input, constants)
-
+  loss_fn = _step_loss_fn(model, tasks, mode, multi_input, constants)
   mean = ((lambda t: autodiff.device_mean(t, AXIS)) if fixed_order else
           (lambda t: jax.lax.pmean(t, AXIS)))
 
@@ -353,6 +340,23 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
   sharded = jax.shard_map(per_device_sync_bn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
                           check_vma=False)
   return jax.jit(sharded, donate_argnums=(0,) if donate else ())
+
+
+def _step_loss_fn(model, tasks, mode: str, multi_input: bool, constants):
+  """The engine's loss function for ``mode``: split at the shared representation for
+  ``features`` (single-input batches and a strategy with one shared representation only)."""
+  if mode != "features":
+    return make_loss_fn(model, tasks, multi_input, constants)
+  if multi_input:
+    raise config_utils.ConfigError(
+        "engine mode 'features' needs single-input batches; valid for multi-input: "
+        "losses, gramian, jacobian")
+  if not model.has_split:
+    from mtl_jax import sharing  # pylint: disable=g-import-not-at-top
+    raise config_utils.ConfigError(
+        f"engine mode 'features' needs one shared representation; sharing {model.name!r} has "
+        f"none (valid: {', '.join(n for n in sharing.names() if sharing.base._SPLIT.get(n))})")
+  return make_split_loss(model, tasks, constants)
 
 
 def _drop_device_axis(batch):

@@ -1,4 +1,4 @@
-"""Smoke run of the step benchmark (launch/benchmark.py) at tiny sizes: schema and rows, no timing."""
+"""Smoke runs of launch/benchmark.py at tiny sizes (step, loop, data): schema and rows, no timing."""
 
 import argparse
 import importlib.util
@@ -100,6 +100,50 @@ def test_step_benchmark_rows_schema_nash_scaling_and_checks(tmp_path):
   assert report["bounds_applied"] is False
   for c in report["checks"]:
     assert c["ok"] == (None if c["sized"] else c["value"] <= c["bound"]), c
+
+
+def test_loop_benchmark_schema(tmp_path):
+  """`benchmark.py loop` at a tiny size: fit's steps/s and the bare loop's, their ratio, and the
+  bound's verdict withheld away from its sizes (schema, not timing)."""
+  out = tmp_path / "loop.json"
+  mod = _launcher()
+  report = mod.main(["loop", "--steps=6", "--batch_size=8", "--width=8", "--log_every=2",
+                     "--repeats=2", f"--out={out}"])
+  with open(out) as f:
+    assert json.load(f) == json.loads(json.dumps(report))
+  assert len(report["fit_calls"]) == len(report["bare_calls"]) == 2
+  assert all(r > 0 for r in report["fit_calls"] + report["bare_calls"])
+  assert report["fit_steps_per_s"] == pytest.approx(float(np.median(report["fit_calls"])))
+  assert report["bare_steps_per_s"] == pytest.approx(float(np.median(report["bare_calls"])))
+  assert report["ratio"] == pytest.approx(report["fit_steps_per_s"] / report["bare_steps_per_s"])
+  assert report["step_ms"] == pytest.approx(1e3 / report["bare_steps_per_s"])
+  assert report["pair_ratios"] == pytest.approx(
+      [f / b for f, b in zip(report["fit_calls"], report["bare_calls"])])
+  assert report["config"]["steps"] == 6 and report["bounds_applied"] is False
+  (check,) = report["checks"]
+  assert check["bound"] == mod.LOOP_BOUND == 0.9 and check["value"] == report["ratio"]
+  assert check["ok"] is None  # not the sizes the bound was set for
+
+
+def test_data_benchmark_schema(tmp_path):
+  """`benchmark.py data` at a tiny size (fabricated JPEGs, 16x16, batch 8, workers 0 and 1; a
+  2-attribute step: the 40-head one compiles for 40 s here): examples/s per worker count against
+  the examples/s the training step consumes."""
+  out = tmp_path / "data.json"
+  _launcher().main(["data", "--workers=0,1", "--batch_size=8", "--image_size=16",
+                    "--num_images=24", "--batches=2", "--steps=1", "--width=4", "--tasks=Smiling,Male",
+                    f"--out={out}"])
+  with open(out) as f:
+    report = json.load(f)
+  assert (report["batch_size"], report["image_size"], report["tasks"]) == (8, 16, "Smiling,Male")
+  assert report["cpu_count"] == os.cpu_count()
+  step = report["step_examples_per_s"]
+  assert np.isfinite(step) and step > 0
+  rates = report["pipeline_examples_per_s"]
+  assert set(rates) == set(report["ratio_to_step"]) == {"0", "1"}
+  for w, r in rates.items():
+    assert np.isfinite(r) and r > 0
+    assert report["ratio_to_step"][w] == pytest.approx(r / step)
 
 
 def test_bounds_get_a_verdict_only_at_the_sizes_they_were_set_for():
