@@ -258,6 +258,14 @@ def make_plateau(config) -> optax.GradientTransformationExtraArgs:
       min_scale=float(o.plateau_min_lr) / float(o.learning_rate))
 
 
+def _stage_groups(stage_gramians: Optional[int], shared_mask):
+  """``gramian_groups`` of the first ``stage_gramians`` stages that have shared leaves, or None."""
+  if not stage_gramians:
+    return None
+  return {f"stage_{i}": f"stage_{i}/" for i in range(stage_gramians)
+          if any(jax.tree.leaves(shared_mask.get(f"stage_{i}", {})))}
+
+
 def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTransformation,
                     mesh, *, mode: str, reduction: str = "exact", multi_input: bool = False,
                     shared_mask=None, constants=None, per_device_batches: bool = False,
@@ -282,10 +290,7 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
   ``stage_gramians`` (S, K, K), each stage's Gramian over its shared parameters from the engine's
   ``gramian_groups`` (zeros for a stage with no shared copy).
   """
-  groups = None
-  if stage_gramians:
-    groups = {f"stage_{i}": f"stage_{i}/" for i in range(stage_gramians)
-              if any(jax.tree.leaves(shared_mask.get(f"stage_{i}", {})))}
+  groups = _stage_groups(stage_gramians, shared_mask)
   # Host copies: a device array closed over by shard_map must not carry a sharding on the
   # mesh's axes (JAX rejects closing over Explicit-axis arrays); numpy constants embed as-is.
   constants = jax.tree.map(np.asarray, dict(constants or {}))
