@@ -25,7 +25,10 @@ def dualproj(num_tasks: int, pref_vector=None, norm_eps: float = 1e-4,
   TorchJD's ``mtl_backward``).
 
   Deviations: the QP is solved in float32 inside ``jit`` by
-  :func:`mtl_jax.combiners._qp.box_qp` instead of ``quadprog`` in float64 on the host.
+  :func:`mtl_jax.combiners._qp.box_qp` instead of ``quadprog`` in float64 on the host, and the
+  result is the exact projection, not the one for the ridged Gramian (see
+  :func:`mtl_jax.combiners._qp.dual_cone_weights`: the ridge is relative to each task's diagonal
+  and removed by a final active-set polish).
   """
   pref = pref_weights(pref_vector, num_tasks, "dualproj")
 
