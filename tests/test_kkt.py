@@ -20,7 +20,7 @@ from mtl_jax.combiners._aligned_mtl import balance_matrix
 from mtl_jax.combiners._cagrad import cagrad_weights
 
 KS = [2, 3, 7, 40]
-SETTINGS = dict(max_examples=2, deadline=None, derandomize=True)
+SETTINGS = dict(max_examples=3, deadline=None, derandomize=True)
 CASES = dict(seed=st.integers(0, 2**31 - 1), spread=st.floats(0.0, 4.0))
 EPS32 = float(np.finfo(np.float32).eps)
 
