@@ -63,14 +63,14 @@ def test_host_reads_only_at_boundaries_and_steps_per_sec_excludes_compile(tmp_pa
     clock[0] += 1e-3
     return clock[0]
 
-  first = train._compile_first_step
+  first = train._compile_step
 
   def slow_compile(*a):
     clock[0] += 1000.0
     return first(*a)
 
   monkeypatch.setattr(train, "_clock", now)
-  monkeypatch.setattr(train, "_compile_first_step", slow_compile)
+  monkeypatch.setattr(train, "_compile_step", slow_compile)
   summary = train.fit(_config(), str(tmp_path / "w"), progress=False)
   assert summary["step"] == 12
   assert len(reads) == 2  # steps 6 and 12, not 12 reads
