@@ -1,1 +1,0 @@
-"""Sweep configs for ``launch/sweep.py``."""
