@@ -934,14 +934,14 @@ def _compile_step(run: Run, p: Program, fn, batch, out: Outputs, what: str):
   return metrics
 
 
-def _step_fn(run: Run, p: Program, config):
+def _step_fn(run: Run, p: Program, s, last_split: int):
   """The measuring step inside a window before a split, else the train step (a run already in
-  the jacobian mode measures at every step up to the last split: one compiled step, not two)."""
-  s = config.structure
+  the jacobian mode measures at every step up to the last split: one compiled step, not two).
+  ``s``: the config's structure block; ``last_split``: its last split step (0: none)."""
   if p.measure_fn is not None and (dynamic.measuring(s, run.step) or (
-      p.mode == "jacobian" and run.step < max(dynamic.schedule(s), default=0))):
+      p.mode == "jacobian" and run.step < last_split)):
     if run.window is None:
-      run.window = dynamic.Window(config.structure.conflict_threshold)
+      run.window = dynamic.Window(s.conflict_threshold)
     return p.measure_fn
   return p.step_fn
 
@@ -952,11 +952,13 @@ def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progr
   results only at log, evaluation and checkpoint steps, at splits (and on SIGTERM)."""
   names = [t.name for t in p.bench.tasks]
   every = {k: int(config.train[k]) for k in ("log_every", "eval_every", "checkpoint_every")}
-  splits = dynamic.schedule(_structure(config))
+  structure = _structure(config)
+  splits = dynamic.schedule(structure)
+  last_split = max(splits, default=0)
   n, bar, compiled = p.num_steps, None, set()
   batch = next(p.loader) if run.step < n else None
   while run.step < n:
-    fn = _step_fn(run, p, config)
+    fn = _step_fn(run, p, structure, last_split)
     if fn not in compiled:  # compiles: timed apart (the first one before the bar starts)
       _pause(run)
       what = ("measuring step" if fn is p.measure_fn else "train step") + (
@@ -972,7 +974,7 @@ def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progr
     run.step += 1
     run.pending.append((run.step, metrics))
     if run.step in splits and all(r["step"] != run.step for r in run.structure):
-      _read_pending(run, names, config.train.on_nonfinite, out.mngr, config.structure)
+      _read_pending(run, names, config.train.on_nonfinite, out.mngr, structure)
       _pause(run)
       p, ev = _split(run, p, ev, out, config)
       _resume_clock(run)
@@ -980,7 +982,7 @@ def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progr
     run.ahead = batch is not None
     at = {k: run.step % v == 0 or run.step == n for k, v in every.items()}
     if stop.at(run.step) or any(at.values()):
-      _read_pending(run, names, config.train.on_nonfinite, out.mngr, _structure(config))
+      _read_pending(run, names, config.train.on_nonfinite, out.mngr, structure)
       _pause(run)
       if at["log_every"]:
         _log(run, names, out)
@@ -1138,14 +1140,18 @@ def _summary(config, p: Program, run: Run, ev: Evaluator, t_start: float,
   }
 
 
+def _tree_record(method: str, p: Program, params, split: bool, **extra) -> dict:
+  """A step-0 structure record of ``p``'s tree (``params``: host copies of its parameters)."""
+  names = [t.name for t in p.bench.tasks]
+  return {"step": 0, "method": method, "tree": T.to_list(p.tree),
+          "describe": T.format_tree(p.tree, names), "split": split,
+          "fraction": T.budget_fraction(p.tree, stage_param_counts(params, p.tree)),
+          **extra, "num_params": int(p.model.num_params(params))}
+
+
 def _start_record(config, p: Program, run: Run) -> dict:
   """The structure record of step 0: the tree a fixed / affinity / conflict run starts from."""
-  names = [t.name for t in p.bench.tasks]
-  params = jax.device_get(run.state.params)
-  return {"step": 0, "method": config.structure.method, "tree": T.to_list(p.tree),
-          "describe": T.format_tree(p.tree, names), "split": False,
-          "fraction": T.budget_fraction(p.tree, stage_param_counts(params, p.tree)),
-          "num_params": int(p.model.num_params(params))}
+  return _tree_record(config.structure.method, p, jax.device_get(run.state.params), False)
 
 
 def _structure_summary(config, p: Program, run: Run) -> Optional[dict]:
@@ -1210,7 +1216,6 @@ def _search_tree(config, p: Program, run: Run, out: Outputs) -> Program:
   if bench.multi_input:
     raise config_utils.ConfigError("config.structure.method='learn_to_branch' needs single-input "
                                    "batches; valid for multi-input: none, fixed, affinity, conflict")
-  names = [t.name for t in bench.tasks]
   out.say(f"learn_to_branch: searching the tree for {int(s.warmup_steps)} steps…")
   loader = bench.loader("train", int(config.train.batch_size), int(config.seed) + 1, True)
   t0 = _clock()
@@ -1221,14 +1226,11 @@ def _search_tree(config, p: Program, run: Run, out: Outputs) -> Program:
       seed=int(config.seed))
   p = retree(config, p, search.tree)
   run.state, run.tree = p.state, p.tree
-  params = jax.device_get(p.state.params)
-  rec = {"step": 0, "method": "learn_to_branch", "tree": T.to_list(search.tree),
-         "describe": T.format_tree(search.tree, names), "split": True,
-         "fraction": T.budget_fraction(search.tree, stage_param_counts(params, search.tree)),
-         "search_steps": int(s.warmup_steps), "search_s": _clock() - t0,
-         "search_final_losses": search.losses[-1].tolist(),
-         "probabilities": {k: v.tolist() for k, v in search.probabilities.items()},
-         "num_params": int(p.model.num_params(params))}
+  rec = _tree_record(
+      "learn_to_branch", p, jax.device_get(p.state.params), True,
+      search_steps=int(s.warmup_steps), search_s=_clock() - t0,
+      search_final_losses=search.losses[-1].tolist(),
+      probabilities={k: v.tolist() for k, v in search.probabilities.items()})
   run.structure.append(rec)
   _log_structure(rec, out)
   return p

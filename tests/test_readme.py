@@ -47,6 +47,8 @@ from pathlib import Path
 
 import pytest
 
+from mtl_jax import config_utils
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
@@ -219,21 +221,13 @@ def test_benchmark_commands_name_real_flags():
 def test_abridged_sweep_block_matches_its_file():
   (body,) = _python_blocks("abridged_sweep")
   rel = body.splitlines()[0].split()[1]
-  config = _load(ROOT / rel).get_config()
+  config = config_utils.load_config_file(str(ROOT / rel))
   stmts = re.findall(r"^c\.(\w+) = (.+?)(?=^c\.|\Z)", body, re.M | re.S)
   assert len(stmts) >= 5
   for key, value in stmts:
     value = value.split("  #")[0].strip()
     assert eval(value) == (tuple(config[key]) if isinstance(config[key], (list, tuple))  # pylint: disable=eval-used
                            else config[key]), f"README's c.{key} differs from {rel}"
-
-
-def _load(path: Path):
-  import importlib.util  # test helper: load the config file the block names
-  spec = importlib.util.spec_from_file_location("abridged", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope="module")
