@@ -136,19 +136,30 @@ def test_sdmgrad_official_reference():
 
 
 def test_sdmgrad_os_samples_and_scales():
-  k, n = 6, 2
+  """The official ``sdmgrad_os`` (OptMN-Lab/sdmgrad ``mtrl_files/sdmgrad.py``): Bernoulli(n/K)
+  tasks, the others' gradients zeroed, the inner loop on its warm-started ``w``, the update
+  ``K/n (J^T w + lamda g0) / (1 + lamda)`` with ``g0`` the mean over all K (zeros included)."""
+  from mtl_jax.combiners._sdmgrad import sdmgrad_inner  # pylint: disable=g-import-not-at-top
+  k, n, lamda = 6, 2, 0.3
   m = combiners.method("sdmgrad", k, os_n=n, seed=3)
-  g = jnp.asarray(np.eye(k) + 0.1, jnp.float32)
+  g = np.eye(k) + 0.1 + 0.05 * np.arange(k)[:, None] * np.arange(k)[None, :] / k
   state = m.init(None)
   kept = []
   weigh = jax.jit(m.weigh)
-  for _ in range(200):
-    w, state = weigh(g, jnp.ones(k), state)
+  inner = jax.jit(lambda g, w: sdmgrad_inner(g, w, lamda, 20, 10.0, 0.5))
+  for i in range(200):
+    w_prev = np.asarray(state.w)
+    w, state = weigh(jnp.asarray(g, jnp.float32), jnp.ones(k), state)
     w = np.asarray(w)
     mask = w > 0
     assert mask.any()
-    # the K/n-scaled SDMGrad weights of the kept tasks: sum = (K/n) (1 + lamda |S|/K) / (1 + lamda)
     kept.append(mask)
+    if i < 5:
+      gm = g * mask[:, None] * mask[None, :]
+      w_in = np.asarray(inner(jnp.asarray(gm, jnp.float32), jnp.asarray(w_prev)))
+      np.testing.assert_allclose(np.asarray(state.w), w_in, rtol=1e-6, atol=1e-7)
+      ref = (k / n) * mask * (w_in + lamda / k) / (1 + lamda)
+      np.testing.assert_allclose(w, ref, rtol=1e-6, atol=1e-7)
   assert abs(np.mean(kept) - n / k) < 0.06  # Bernoulli(n/K) per task
 
 
