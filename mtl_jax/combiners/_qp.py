@@ -225,8 +225,9 @@ def dual_cone_weights(u: jax.Array, gramian: jax.Array, norm_eps: float = 1e-4,
   ``cos(g_k, d) >= -50 eps S / ||d||`` (``>= -1e-6`` where ``S / ||d|| <= 20``; measured
   <= 23 eps S / ||d||), a zero update only where ``||d*|| <= sqrt(4 K eps) S``, and ``d`` within
   2e-3 S of the exact projection (not exact on thin cones: measured 1.4e-3 S for UPGrad at K=40,
-  P=20). Solve time on such Gramians at K=40: DualProj ~1.3 ms, UPGrad 6-13 ms (its K problems
-  run until the slowest converges; full-rank K=40: 0.4 / 1.7 ms).
+  P=20). Solve time on such Gramians at K=40 (P 5..20, shared 2-core CPU): DualProj 1.1-1.4 ms
+  median, UPGrad 6.5-27 ms, over the 5 ms budget (its K problems run until the slowest
+  converges; full-rank K=40, the benchmark's solve row: 0.5 / 1.7 ms).
   """
   g = jnp.asarray(gramian, jnp.float32)
   k = g.shape[0]
