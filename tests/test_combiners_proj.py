@@ -293,4 +293,4 @@ def test_jacobian_state_only_for_shared_leaves():
   for name in ("moco", "db_mtl", "excess_mtl"):
     st = combiners.get(name, 2, shared_mask=mask).init(params).method
     shapes = [x.shape for x in jax.tree.leaves(st[0])]
-    assert (2, 4, 3) in shapes and (2, 0) in shapes, (name, shapes)
+    assert (2, 4, 3) in shapes and (2, 1) in shapes, (name, shapes)
