@@ -2,7 +2,8 @@
 CAGrad / Nash-MTL protocol: MTAN, Adam 1e-4 halved after 100 of 200 epochs, batch 8, metrics mIoU /
 pixel accuracy / depth abs and rel error, Δm% against the CAGrad single-task baseline (as in the
 Nash-MTL repository: 0.7401, 0.9316, 0.0125, 27.77). No augmentation (as the CAGrad/Nash-MTL
-Cityscapes runs; ``data.augment`` turns MTAN's scale-crop + flip on).
+Cityscapes runs; ``data.augment`` turns MTAN's scale-crop + flip on). Deviation: as NYUv2's,
+selection by the best validation Δm% epoch where the papers average the last epochs.
 
 Variants: ``''`` the protocol (folder at ``data.data_dir``, default ~/mtl_data/cityscapes);
 ``'smoke'`` fabricated arrays at 16×32, tiny SegNet, a few steps; ``'quick'`` the real folder at

@@ -4,8 +4,11 @@ protocol of CAGrad (Liu et al., NeurIPS 2021) and Nash-MTL (Navon et al., ICML 2
 Protocol: MTAN (SegNet with task attention, ``sharing='mtan'``) at 288×384, Adam 1e-4 halved after
 100 of 200 epochs (StepLR(100, 0.5)), batch 2, MTAN's scale-crop + flip augmentation, metrics
 mIoU / pixel accuracy, depth abs / rel error, normal angle mean / median / within 11.25, 22.5, 30°;
-Δm% against the CAGrad single-task baseline. The papers report the last epochs on the val split
-(which is also the ``test`` split here); selection here is by validation Δm%.
+Δm% against the CAGrad single-task baseline.
+
+Deviations from the official trainers (Nash-MTL ``experiments/nyuv2/trainer.py``, CAGrad): the
+papers report the test metrics averaged over the last epochs (the val split, which is also the
+``test`` split here); selection here is the best validation Δm% epoch (``train.select``).
 
 Variants: ``''`` the protocol (MTAN folder at ``data.data_dir``, default ~/mtl_data/nyuv2);
 ``'smoke'`` fabricated arrays at 24×32, a 4-channel SegNet with hard sharing, a few steps;

@@ -373,3 +373,20 @@ def test_shard_map_4_devices_exact_equals_global_batch():
   # that to ~1e-4 (1.3e-4 seen in CI). A missing or misplaced reduction shows as O(1) differences.
   bad = [(n, mode, e) for n, mode, e in rows if not float(e) <= 1e-3]
   assert not bad, f"exact shard_map reduction differs from the global batch: {bad}"
+
+
+def test_every_state_checkpoints_with_orbax(tmp_path):
+  """Resume needs the state to round-trip through orbax (what ``fit`` checkpoints with): every
+  method's state, built with a shared mask (unshared leaves get placeholders), in one checkpoint;
+  zero-size arrays, which orbax refuses, were the failure here (MoCo, DB-MTL, ExcessMTL)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  params = make_params()
+  states = {n: jax.device_get(combiners.get(n, K, shared_mask=MASK).init(params)) for n in NAMES}
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "states", states)
+  ckpt.wait_until_finished()
+  back = ckpt.restore(tmp_path / "states", states)
+  assert jax.tree.structure(back) == jax.tree.structure(states)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(states)):
+    assert np.asarray(a).dtype == np.asarray(b).dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

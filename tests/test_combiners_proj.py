@@ -139,6 +139,15 @@ def test_aligned_mtl_rank_deficient_and_zero():
   np.testing.assert_allclose(balance_matrix(jnp.zeros((3, 3)), "min"), np.eye(3))
   with pytest.raises(ValueError, match="valid: min, median, rmse"):
     combiners.method("aligned_mtl", 3, scale_mode="max")
+  # the preference vector combines the aligned gradients B J with p: update (B J)^T p
+  j3 = jacobian(2, 3, p=5)
+  g3 = j3 @ j3.T
+  b3 = np.asarray(balance_matrix(jnp.asarray(g3, jnp.float32), "min"), np.float64)
+  pref = np.array([0.2, 0.5, 0.3])
+  w = np.asarray(weigher("aligned_mtl", 3, pref_vector=tuple(pref))(g3), np.float64)
+  np.testing.assert_allclose(j3.T @ w, (b3 @ j3).T @ pref, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="pref_vector has shape \\(2,\\), expected \\(3,\\)"):
+    combiners.method("aligned_mtl", 3, pref_vector=[1.0, 2.0])
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
@@ -284,4 +293,4 @@ def test_jacobian_state_only_for_shared_leaves():
   for name in ("moco", "db_mtl", "excess_mtl"):
     st = combiners.get(name, 2, shared_mask=mask).init(params).method
     shapes = [x.shape for x in jax.tree.leaves(st[0])]
-    assert (2, 4, 3) in shapes and (2, 0) in shapes, (name, shapes)
+    assert (2, 4, 3) in shapes and (2, 1) in shapes, (name, shapes)

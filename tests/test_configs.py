@@ -42,6 +42,20 @@ def test_protocol_values():
   n = _load("nash_nyuv2").get_config("")
   assert (n.optimizer.learning_rate, n.train.batch_size, n.optimizer.schedule) == (1e-4, 2, "step")
   assert _load("stl_celeba").get_config("").model.sharing == "independent"
+  assert (c.data.image_size, c.train.select) == (64, "mean_main")
+  # NYUv2 and Cityscapes: the CAGrad / Nash-MTL trainers (MTAN, Adam 1e-4, StepLR(100, 0.5) over
+  # 200 epochs; MTAN's scale-crop + flip on NYUv2 only), selection by validation Delta_m (the
+  # docstrings' deviation: the papers average the last epochs)
+  for name, batch, augment in (("nash_nyuv2", 2, True), ("nash_cityscapes", 8, False)):
+    d = _load(name).get_config("")
+    o = d.optimizer
+    assert (o.name, o.learning_rate, o.schedule, o.decay_boundaries, o.decay_rate) == (
+        "adam", 1e-4, "step", (0.5,), 0.5), name
+    assert (d.train.batch_size, d.train.num_epochs, d.data.augment) == (batch, 200, augment)
+    assert (d.model.sharing, d.train.select) == ("mtan", "delta_m")
+  m = _load("nash_multimnist").get_config("")
+  assert (m.optimizer.name, m.optimizer.learning_rate, m.train.batch_size,
+          m.train.num_epochs) == ("adam", 5e-4, 256, 100)
 
 
 def test_unknown_variant():

@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 
+from mtl_jax.combiners._qp import pref_weights
 from mtl_jax.combiners.base import GRAMIAN, EmptyState, Method, register
 
 SCALE_MODES = ("min", "median", "rmse")
@@ -48,7 +49,7 @@ def balance_matrix(gramian, scale_mode: str = "min"):
 
 @register("aligned_mtl")
 def aligned_mtl(num_tasks: int, scale_mode: str = "min",
-                scale_decoder_grad: bool = False) -> Method:
+                scale_decoder_grad: bool = False, pref_vector=None) -> Method:
   """Aligned-MTL.
 
   Senushkin, D., Patakin, N., Kuznetsov, A. & Konushin, A. (2023). "Independent Component Alignment
@@ -62,7 +63,10 @@ def aligned_mtl(num_tasks: int, scale_mode: str = "min",
   applies. The aligned gradients have condition number 1.
 
   Hyper-parameters (official defaults): ``scale_mode='min'`` (``'median'``, ``'rmse'``),
-  ``scale_decoder_grad=False``.
+  ``scale_decoder_grad=False``; ``pref_vector`` (TorchJD's ``AlignedMTL(pref_vector=...)``): the
+  aligned gradients are combined with ``p`` instead of summed, ``w = B p``; ``None`` is the official
+  sum ``p = 1`` (TorchJD's default, the mean ``1/K``, is ``pref_vector=jnp.full(K, 1/K)``: the
+  same direction, ``1/K`` the length).
 
   Task-specific parameters: with ``scale_decoder_grad=False`` (official default) each head receives
   its own task's unweighted gradient (``specific='sum'``); with ``True`` it is scaled by its task's
@@ -74,11 +78,14 @@ def aligned_mtl(num_tasks: int, scale_mode: str = "min",
   """
   if scale_mode not in SCALE_MODES:
     raise ValueError(f"aligned_mtl: unknown scale_mode {scale_mode!r}; valid: {', '.join(SCALE_MODES)}")
-  ones = jnp.ones((num_tasks,), jnp.float32)
+  if pref_vector is None:
+    pref = jnp.ones((num_tasks,), jnp.float32)
+  else:
+    pref = pref_weights(pref_vector, num_tasks, "aligned_mtl")
 
   def weigh(gramian, losses, state):
     del losses
-    return balance_matrix(gramian, scale_mode) @ ones, state
+    return balance_matrix(gramian, scale_mode) @ pref, state  # B is symmetric: B^T p = B p
 
   return Method("aligned_mtl", num_tasks, GRAMIAN, init=lambda params: EmptyState(), weigh=weigh,
                 specific="weighted" if scale_decoder_grad else "sum")

@@ -24,6 +24,11 @@ def dualproj(num_tasks: int, pref_vector=None, norm_eps: float = 1e-4,
   Task-specific parameters: ``specific='sum'`` (their own task's unweighted gradient, as
   TorchJD's ``mtl_backward``).
 
+  More tasks than parameters (singular Gramian): the non-conflict promise holds to float32's
+  resolution, ``cos(g_k, d) >= -50 eps S / ||d||`` with ``S = sum_j |w_j| |g_j|``, and an update
+  below that resolution is returned as exactly 0 (see
+  :func:`mtl_jax.combiners._qp.dual_cone_weights`).
+
   Deviations: the QP is solved in float32 inside ``jit`` by
   :func:`mtl_jax.combiners._qp.box_qp` instead of ``quadprog`` in float64 on the host, and the
   result is the exact projection, not the one for the ridged Gramian (see

@@ -21,14 +21,16 @@ def _is_none(x):
 
 
 def per_task_zeros(params, shared_mask, num_tasks: int):
-  """``(K, *leaf.shape)`` zeros for every shared leaf; ``(K, 0)`` placeholders elsewhere.
+  """``(K, *leaf.shape)`` zeros for every shared leaf; ``(K, 1)`` placeholders elsewhere.
 
-  ``shared_mask=None`` (the engine calling ``init(params)`` directly) allocates every leaf.
+  ``shared_mask=None`` (the engine calling ``init(params)`` directly) allocates every leaf. The
+  placeholders are not ``(K, 0)``: orbax refuses to save zero-size arrays, and the state must
+  checkpoint.
   """
   if shared_mask is None:
     shared_mask = jax.tree.map(lambda _: True, params)
   return jax.tree.map(
-      lambda p, m: jnp.zeros((num_tasks,) + tuple(jnp.shape(p)) if m else (num_tasks, 0),
+      lambda p, m: jnp.zeros((num_tasks,) + tuple(jnp.shape(p)) if m else (num_tasks, 1),
                              jnp.float32), params, shared_mask)
 
 

@@ -30,6 +30,11 @@ def upgrad(num_tasks: int, pref_vector=None, norm_eps: float = 1e-4,
   Task-specific parameters: ``specific='sum'``, each receives its own task's unweighted gradient,
   as TorchJD's ``mtl_backward`` does.
 
+  More tasks than parameters (singular Gramian): the non-conflict promise holds to float32's
+  resolution, ``cos(g_k, d) >= -50 eps S / ||d||`` with ``S = sum_j |w_j| |g_j|``, and an update
+  below that resolution is returned as exactly 0 (see
+  :func:`mtl_jax.combiners._qp.dual_cone_weights`).
+
   Deviations: TorchJD solves each QP with ``quadprog`` in float64 on the host; here
   :func:`mtl_jax.combiners._qp.box_qp` (FISTA + active-set polish) solves the K problems together in
   float32 inside ``jit``, and returns the exact projection rather than the one for the ridged
