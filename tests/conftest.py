@@ -31,3 +31,17 @@ def pytest_sessionfinish(session, exitstatus):
   del exitstatus
   if _CACHE_CREATED and not hasattr(session.config, "workerinput"):  # the process that made it
     shutil.rmtree(_CACHE_CREATED, ignore_errors=True)
+
+
+# The longest files start first, so that pytest-xdist's two workers finish together instead of
+# one waiting on a long test that was collected last (measured with --durations; whole files move,
+# so module-scoped fixtures stay shared and the order inside a file is unchanged).
+_LONG_FIRST = ("test_benchmark.py", "test_readme.py", "test_sharing.py", "test_notebook.py",
+               "test_smoke_configs.py", "test_multiprocess.py", "test_conv.py", "test_dynamic.py",
+               "test_resume.py", "test_combiners_contract.py", "test_branched.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+  items.sort(key=lambda it: rank.get(os.path.basename(str(it.fspath)), len(rank)))
