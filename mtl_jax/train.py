@@ -865,34 +865,77 @@ def _save(run: Run, p: Program, out: Outputs) -> None:
       meta=ocp.args.JsonSave(logging_utils._plain(meta))), force=True)
 
 
+_STACK_CHUNK = 32  # steps per stacking program: at most 32 small programs per metrics structure
+
+
+@jax.jit
+def _stack_chunk(metrics: list):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+
+
+def _stack_steps(metrics: list):
+  """The metrics of consecutive steps (one tree structure) stacked on the device on a new leading
+  axis, so that a read is a few host copies per metric, not one per metric and step. Stacked in
+  chunks of ``_STACK_CHUNK`` steps (one small program per chunk length: a long log interval
+  compiles no program over thousands of arguments); returns the list of chunks."""
+  return [_stack_chunk(metrics[i:i + _STACK_CHUNK])
+          for i in range(0, len(metrics), _STACK_CHUNK)]
+
+
+def _step_groups(pending: list) -> list:
+  """``pending`` ((step, device metrics) in step order) as runs of one tree structure (a
+  measuring step's metrics have keys the train step's lack): ``[(steps, [metrics])]``."""
+  groups, last = [], None
+  for step, m in pending:
+    td = jax.tree.structure(m)
+    if last is None or td != last:
+      groups.append(([], []))
+      last = td
+    groups[-1][0].append(step)
+    groups[-1][1].append(m)
+  return groups
+
+
 def _read_pending(run: Run, names, on_nonfinite: str, mngr, structure=None) -> None:
-  """Read the metrics of the steps run since the last read (one host sync) and check each step
-  for NaN/Inf in order, so a non-finite step is reported at its own step number."""
-  steps = [s for s, _ in run.pending]
-  for step, m in zip(steps, _fetch([m for _, m in run.pending])):
-    if not bool(m["finite"]):
-      bad = [n for n, l in zip(names, np.asarray(m["losses"])) if not np.isfinite(l)]
-      what = f"task loss {', '.join(bad)}" if bad else "combined gradient (all losses finite)"
-      if on_nonfinite == "stop":
-        msg = (f"non-finite {what} at step {step}; stopping, the last good checkpoint is "
-               f"step {mngr.latest_step()}")
-        logging.error(msg)
-        raise NonFiniteError(msg)
-      logging.warning("non-finite %s at step %d: step skipped (%d so far)", what, step,
-                      int(m["skipped"]))
-    run.skipped = int(m["skipped"])
+  """Read the metrics of the steps run since the last read and check each step for NaN/Inf in
+  order, so a non-finite step is reported at its own step number. The steps' metrics are stacked
+  on the device (:func:`_stack_steps`) and read in one host sync (:func:`_fetch`)."""
+  groups = _step_groups(run.pending)
+  fetched = _fetch([_stack_steps(ms) for _, ms in groups])
+  for (steps, _), chunks in zip(groups, fetched):
+    m = jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
+    finite = np.asarray(m.pop("finite"), bool)
+    for i in np.flatnonzero(~finite):
+      _nonfinite(names, m, int(i), steps[i], on_nonfinite, mngr)
+    run.skipped = int(m["skipped"][-1])
     stage = m.pop("stage_gramians", None)
-    if (stage is not None and bool(m["finite"]) and run.window is not None
-        and dynamic.measuring(structure, step - 1)):
-      run.window.add(stage)
-    scal = {k: np.asarray(v, np.float64) for k, v in m.items() if k != "finite"}
+    if stage is not None and run.window is not None:
+      for i, step in enumerate(steps):
+        if finite[i] and dynamic.measuring(structure, step - 1):
+          run.window.add(stage[i])
     acc = run.acc if run.acc is not None else {}
-    for k, v in scal.items():  # per key: a measuring step has statistics the others lack
+    for k, v in m.items():  # per key: a measuring step has statistics the others lack
       total, count = acc.get(k, (0.0, 0))
-      acc[k] = (total + v, count + 1)
+      for row in np.asarray(v, np.float64):  # in step order, as the steps ran
+        total = total + row
+      acc[k] = (total, count + len(steps))
     run.acc = acc
-    run.acc_n += 1
+    run.acc_n += len(steps)
   run.pending = []
+
+
+def _nonfinite(names, m: dict, i: int, step: int, on_nonfinite: str, mngr) -> None:
+  """Report the non-finite step ``step`` (row ``i`` of the read metrics ``m``): raise
+  :class:`NonFiniteError` (``stop``) or warn (``skip``)."""
+  bad = [n for n, l in zip(names, np.asarray(m["losses"][i])) if not np.isfinite(l)]
+  what = f"task loss {', '.join(bad)}" if bad else "combined gradient (all losses finite)"
+  if on_nonfinite == "stop":
+    msg = (f"non-finite {what} at step {step}; stopping, the last good checkpoint is "
+           f"step {mngr.latest_step()}")
+    logging.error(msg)
+    raise NonFiniteError(msg)
+  logging.warning("non-finite %s at step %d: step skipped (%d so far)", what, step,
+                  int(m["skipped"][i]))
 
 
 def _log(run: Run, names, out: Outputs) -> None:
