@@ -1000,9 +1000,12 @@ def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progr
   last_split = max(splits, default=0)
   n, bar, compiled = p.num_steps, None, set()
   batch = next(p.loader) if run.step < n else None
+  ahead = None  # the metrics of a step dispatched before the last boundary's read
   while run.step < n:
     fn = _step_fn(run, p, structure, last_split)
-    if fn not in compiled:  # compiles: timed apart (the first one before the bar starts)
+    if ahead is not None:
+      metrics, ahead = ahead, None
+    elif fn not in compiled:  # compiles: timed apart (the first one before the bar starts)
       _pause(run)
       what = ("measuring step" if fn is p.measure_fn else "train step") + (
           f" of tree {T.format_tree(p.tree, names)}" if p.tree is not None else "")
@@ -1025,6 +1028,18 @@ def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progr
     run.ahead = batch is not None
     at = {k: run.step % v == 0 or run.step == n for k, v in every.items()}
     if stop.at(run.step) or any(at.values()):
+      if (batch is not None and not (stop.flag or at["eval_every"] or at["checkpoint_every"])
+          and _step_fn(run, p, structure, last_split) is fn):
+        # A log-only boundary: the next step runs on the device while the host reads and logs
+        # this one's (the device never idles there; the log's host work counts as training time).
+        run.state, ahead = fn(run.state, shard_batch(batch, p.mesh))
+        _read_pending(run, names, config.train.on_nonfinite, out.mngr, structure)
+        _pause(run)
+        _resume_clock(run)
+        _log(run, names, out)
+        bar.set_postfix_str(f"loss {run.loss:.4g}", refresh=False)
+        bar.update(1)
+        continue
       _read_pending(run, names, config.train.on_nonfinite, out.mngr, structure)
       _pause(run)
       if at["log_every"]:
