@@ -29,6 +29,13 @@ the CelebA-40 protocol model consumes, and their ratios.
 ``build_program``: its ``make_train_step``, loader and sharding) on a synthetic MLP whose step takes
 about a millisecond, interleaved; the ratio's bound (>= 0.9, issue 18) applies at the defaults.
 
+``accelerator`` (also ``--preset=accelerator``; issue 18.6): the paper-scale steps on a GPU / TPU
+(``launch/bench/accel.py``): the CelebA-40 protocol model (64x64, batch 256, full width) with LS,
+Nash-MTL exact and features mode, PCGrad, FAMO, UPGrad, and QM9's MPNN (width 64, batch 120) with
+LS and Nash-MTL, through the trainer's own build and step on mock inputs: compile seconds,
+steps/s, ratio to LS, XLA and device peak memory; ``--out=DIR`` gets ``accelerator.json`` and
+``accelerator.md``; ``--tiny`` the CPU test sizes.
+
 ``params``: the parameter count of every sharing strategy for a backbone and K tasks (one-unit
 binary heads, as CelebA's), its ratio to K single-task models, and a JSON file
 ``{strategy: count, ..., "single_task": count of one single-task model}``. Counts come from
