@@ -29,8 +29,10 @@ the norms of the combined gradient and of the parameter update, and the regulari
 :func:`build_program` (build from the config, initialise, jit; shared with :func:`run_steps`),
 :func:`restore_latest` (the newest checkpoint that restores; a corrupt one is moved aside to
 ``<step>.corrupt``), then ``_loop`` — train, and at its boundaries ``_read_pending`` (the host's one
-read of the device's metrics since the last boundary, checked step by step for NaN/Inf so a
-non-finite step is reported at its own step), ``_log`` every ``log_every`` steps, ``_evaluate``
+read of the device's metrics since the last boundary: stacked on the device, one ``device_get``,
+checked step by step for NaN/Inf so a non-finite step is reported at its own step; at a log-only
+boundary the next step is dispatched first and runs during the read), ``_log`` every
+``log_every`` steps, ``_evaluate``
 every ``eval_every`` (best-on-validation selection, the plateau schedule), ``_save`` every
 ``checkpoint_every`` / at the end / on SIGTERM — and ``_summary`` (``summary.json``, with the
 config's digest). Between boundaries the host never waits for the device: the next batch is read
