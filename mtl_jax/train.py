@@ -868,6 +868,7 @@ def _save(run: Run, p: Program, out: Outputs) -> None:
 
 
 _STACK_CHUNK = 32  # steps per stacking program: at most 32 small programs per metrics structure
+_STACK_MIN = 8  # fewer pending steps are read as they are (a few copies; no program to compile)
 
 
 @jax.jit
@@ -879,7 +880,10 @@ def _stack_steps(metrics: list):
   """The metrics of consecutive steps (one tree structure) stacked on the device on a new leading
   axis, so that a read is a few host copies per metric, not one per metric and step. Stacked in
   chunks of ``_STACK_CHUNK`` steps (one small program per chunk length: a long log interval
-  compiles no program over thousands of arguments); returns the list of chunks."""
+  compiles no program over thousands of arguments); returns the list of chunks. Fewer than
+  ``_STACK_MIN`` steps are returned unstacked (stacked on the host after the read)."""
+  if len(metrics) < _STACK_MIN:
+    return metrics
   return [_stack_chunk(metrics[i:i + _STACK_CHUNK])
           for i in range(0, len(metrics), _STACK_CHUNK)]
 
@@ -905,7 +909,8 @@ def _read_pending(run: Run, names, on_nonfinite: str, mngr, structure=None) -> N
   groups = _step_groups(run.pending)
   fetched = _fetch([_stack_steps(ms) for _, ms in groups])
   for (steps, _), chunks in zip(groups, fetched):
-    m = jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
+    join = np.stack if len(steps) < _STACK_MIN else np.concatenate
+    m = jax.tree.map(lambda *xs: join(xs), *chunks)
     finite = np.asarray(m.pop("finite"), bool)
     for i in np.flatnonzero(~finite):
       _nonfinite(names, m, int(i), steps[i], on_nonfinite, mngr)
