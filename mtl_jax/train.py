@@ -893,8 +893,8 @@ def _step_groups(pending: list) -> list:
   measuring step's metrics have keys the train step's lack): ``[(steps, [metrics])]``."""
   groups, last = [], None
   for step, m in pending:
-    td = jax.tree.structure(m)
-    if last is None or td != last:
+    td = tuple(m)  # the step's flat metrics dict: its keys are its structure
+    if td != last:
       groups.append(([], []))
       last = td
     groups[-1][0].append(step)
@@ -909,8 +909,10 @@ def _read_pending(run: Run, names, on_nonfinite: str, mngr, structure=None) -> N
   groups = _step_groups(run.pending)
   fetched = _fetch([_stack_steps(ms) for _, ms in groups])
   for (steps, _), chunks in zip(groups, fetched):
-    join = np.stack if len(steps) < _STACK_MIN else np.concatenate
-    m = jax.tree.map(lambda *xs: join(xs), *chunks)
+    if len(steps) < _STACK_MIN:
+      m = jax.tree.map(lambda *xs: np.stack(xs), *chunks)
+    else:
+      m = chunks[0] if len(chunks) == 1 else jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
     finite = np.asarray(m.pop("finite"), bool)
     for i in np.flatnonzero(~finite):
       _nonfinite(names, m, int(i), steps[i], on_nonfinite, mngr)
@@ -923,9 +925,7 @@ def _read_pending(run: Run, names, on_nonfinite: str, mngr, structure=None) -> N
     acc = run.acc if run.acc is not None else {}
     for k, v in m.items():  # per key: a measuring step has statistics the others lack
       total, count = acc.get(k, (0.0, 0))
-      for row in np.asarray(v, np.float64):  # in step order, as the steps ran
-        total = total + row
-      acc[k] = (total, count + len(steps))
+      acc[k] = (total + np.asarray(v, np.float64).sum(0), count + len(steps))
     run.acc = acc
     run.acc_n += len(steps)
   run.pending = []
