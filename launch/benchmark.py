@@ -29,6 +29,13 @@ the CelebA-40 protocol model consumes, and their ratios.
 ``build_program``: its ``make_train_step``, loader and sharding) on a synthetic MLP whose step takes
 about a millisecond, interleaved; the ratio's bound (>= 0.9, issue 18) applies at the defaults.
 
+``accelerator`` (also ``--preset=accelerator``; issue 18.6): the paper-scale steps on a GPU / TPU
+(``launch/bench/accel.py``): the CelebA-40 protocol model (64x64, batch 256, full width) with LS,
+Nash-MTL exact and features mode, PCGrad, FAMO, UPGrad, and QM9's MPNN (width 64, batch 120) with
+LS and Nash-MTL, through the trainer's own build and step on mock inputs: compile seconds,
+steps/s, ratio to LS, XLA and device peak memory; ``--out=DIR`` gets ``accelerator.json`` and
+``accelerator.md``; ``--tiny`` the CPU test sizes.
+
 ``params``: the parameter count of every sharing strategy for a backbone and K tasks (one-unit
 binary heads, as CelebA's), its ratio to K single-task models, and a JSON file
 ``{strategy: count, ..., "single_task": count of one single-task model}``. Counts come from
@@ -330,6 +337,65 @@ def run_loop(args) -> dict:
   if args.out:
     with open(args.out, "w") as f:
       json.dump(report, f, indent=1)
+  return report
+
+
+# ---------------------------------------------------------------------------------------------
+# ``--preset=accelerator``: the paper-scale steps on a GPU / TPU (issue 18.6).
+
+
+def _accel_args(p: argparse.ArgumentParser):
+  p.add_argument("--out", default="", help="directory for accelerator.json and accelerator.md")
+  p.add_argument("--tiny", action="store_true",
+                 help="CPU-test sizes (16x16 CelebA, 3 attributes, width 4; QM9 width 8, batch 8)")
+  p.add_argument("--steps", type=int, default=50, help="timed steps per row (after a warm-up one)")
+  p.add_argument("--row_seconds", type=float, default=20.0,
+                 help="time box of a row's timed steps (fewer steps when one would pass it)")
+  p.add_argument("--rows", default="", help="only these rows, e.g. celeba:ls,qm9:nash_mtl")
+  p.add_argument("--compiler_option", action="append", default=[], metavar="KEY=VALUE",
+                 help="XLA option for every row's step, e.g. xla_backend_optimization_level=0 "
+                 "(repeatable; VALUE is JSON)")
+
+
+@subcommand("accelerator", _accel_args)
+def run_accelerator(args) -> dict:
+  """Every row of :mod:`bench.accel` (CelebA-40 protocol model: LS, Nash-MTL exact, Nash-MTL
+  features mode, PCGrad, FAMO, UPGrad; QM9's MPNN: LS, Nash-MTL): steps/s, ratio to LS, peak
+  memory, compile time; the JSON report and a Markdown table to ``--out``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bench import accel  # pylint: disable=g-import-not-at-top
+  sizes = accel.TINY if args.tiny else accel.FULL
+  configs = accel.configs(sizes)
+  plan = [("celeba", c, m) for c, m in accel.CELEBA_ROWS] + [("qm9", c, m)
+                                                             for c, m in accel.QM9_ROWS]
+  wanted = set(_csv(args.rows))
+  valid = {f"{b}:{c}" for b, c, _ in plan}
+  if wanted - valid:
+    raise SystemExit(f"--rows: unknown {', '.join(sorted(wanted - valid))}; valid: "
+                     f"{', '.join(sorted(valid))}")
+  t0, rows = time.perf_counter(), []
+  for bench, combiner, mode in plan:
+    if wanted and f"{bench}:{combiner}" not in wanted:
+      continue
+    row = accel.run_row(configs[bench], combiner, mode, args.steps, args.row_seconds,
+                        _parse_options(args.compiler_option))
+    rows.append(row)
+    print(f"{bench:7s} {combiner:9s} {row['mode']:9s} {row['steps_per_s']:9.2f} steps/s  "
+          f"compile {row['compile_s']:6.1f} s  peak {row['peak_memory_mb']:8.0f} MiB", flush=True)
+  accel.with_ratios(rows)
+  dev = jax.devices()[0]
+  device = f"{jax.device_count()} x {dev.device_kind} ({jax.default_backend()})"
+  report = {"device": device, "sizes": sizes._asdict(), "tiny": bool(args.tiny), "rows": rows,
+            "machine": _machine(), "wall_s": time.perf_counter() - t0,
+            "config": {"steps": args.steps, "row_seconds": args.row_seconds}}
+  table = accel.markdown(rows, device, sizes, "CPU test sizes, not figures." if args.tiny else None)
+  print(table)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "accelerator.json"), "w") as f:
+      json.dump(report, f, indent=1)
+    with open(os.path.join(args.out, "accelerator.md"), "w") as f:
+      f.write(table)
   return report
 
 
@@ -1170,8 +1236,19 @@ def run_step(args) -> dict:
 DEFAULT_SUBCOMMAND = "step"
 
 
+def _preset(argv: list) -> list:
+  """``--preset=accelerator [...]`` is the ``accelerator`` subcommand (the only preset)."""
+  presets = [a for a in argv if a.startswith("--preset")]
+  if not presets:
+    return argv
+  name = presets[0].split("=", 1)[1] if "=" in presets[0] else ""
+  if name != "accelerator":
+    raise SystemExit(f"--preset={name}: unknown preset; valid: accelerator")
+  return ["accelerator"] + [a for a in argv if a not in presets]
+
+
 def main(argv: Optional[Sequence[str]] = None):
-  argv = list(sys.argv[1:] if argv is None else argv)
+  argv = _preset(list(sys.argv[1:] if argv is None else argv))
   if not argv or (argv[0] not in SUBCOMMANDS and argv[0].startswith("-")
                   and argv[0] not in ("-h", "--help")):
     argv.insert(0, DEFAULT_SUBCOMMAND)  # `benchmark.py --out=x.json` runs the step benchmark
@@ -1185,7 +1262,8 @@ def main(argv: Optional[Sequence[str]] = None):
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from mtl_jax import host_malloc  # pylint: disable=g-import-not-at-top
-  host_malloc.reexec_if_useful()  # glibc malloc tunables for XLA-CPU steps (MTL_JAX_MALLOC=0: off)
+  if _preset(sys.argv[1:])[:1] != ["accelerator"]:  # the accelerator preset runs on the device
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from mtl_jax import host_malloc  # pylint: disable=g-import-not-at-top
+    host_malloc.reexec_if_useful()  # glibc tunables for XLA-CPU steps (MTL_JAX_MALLOC=0: off)
   main()

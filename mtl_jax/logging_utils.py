@@ -95,11 +95,16 @@ class TensorBoard:
       self.writer = SummaryWriter(logdir=logdir, purge_step=purge_step)
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    """The finite ``values`` of ``step`` as one event (one Summary with a value per tag, as
+    ``tf.summary.merge`` writes; an event per scalar costs the loop ~0.1 ms each)."""
     if self.writer is None:
       return
-    for key, v in values.items():
-      if math.isfinite(v):
-        self.writer.add_scalar(key, v, global_step=step)
+    from tensorboardX import summary as tbs  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto.summary_pb2 import Summary  # pylint: disable=g-import-not-at-top
+    merged = [v for key, x in values.items() if math.isfinite(x)
+              for v in tbs.scalar(key, x).value]
+    if merged:
+      self.writer.file_writer.add_summary(Summary(value=merged), global_step=step)
 
   def text(self, step: int, tag: str, value: str) -> None:
     if self.writer is not None:

@@ -29,8 +29,10 @@ the norms of the combined gradient and of the parameter update, and the regulari
 :func:`build_program` (build from the config, initialise, jit; shared with :func:`run_steps`),
 :func:`restore_latest` (the newest checkpoint that restores; a corrupt one is moved aside to
 ``<step>.corrupt``), then ``_loop`` — train, and at its boundaries ``_read_pending`` (the host's one
-read of the device's metrics since the last boundary, checked step by step for NaN/Inf so a
-non-finite step is reported at its own step), ``_log`` every ``log_every`` steps, ``_evaluate``
+read of the device's metrics since the last boundary: stacked on the device, one ``device_get``,
+checked step by step for NaN/Inf so a non-finite step is reported at its own step; at a log-only
+boundary the next step is dispatched first and runs during the read), ``_log`` every
+``log_every`` steps, ``_evaluate``
 every ``eval_every`` (best-on-validation selection, the plateau schedule), ``_save`` every
 ``checkpoint_every`` / at the end / on SIGTERM — and ``_summary`` (``summary.json``, with the
 config's digest). Between boundaries the host never waits for the device: the next batch is read
@@ -865,34 +867,82 @@ def _save(run: Run, p: Program, out: Outputs) -> None:
       meta=ocp.args.JsonSave(logging_utils._plain(meta))), force=True)
 
 
+_STACK_CHUNK = 32  # steps per stacking program: at most 32 small programs per metrics structure
+_STACK_MIN = 8  # fewer pending steps are read as they are (a few copies; no program to compile)
+
+
+@jax.jit
+def _stack_chunk(metrics: list):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+
+
+def _stack_steps(metrics: list):
+  """The metrics of consecutive steps (one tree structure) stacked on the device on a new leading
+  axis, so that a read is a few host copies per metric, not one per metric and step. Stacked in
+  chunks of ``_STACK_CHUNK`` steps (one small program per chunk length: a long log interval
+  compiles no program over thousands of arguments); returns the list of chunks. Fewer than
+  ``_STACK_MIN`` steps are returned unstacked (stacked on the host after the read)."""
+  if len(metrics) < _STACK_MIN:
+    return metrics
+  return [_stack_chunk(metrics[i:i + _STACK_CHUNK])
+          for i in range(0, len(metrics), _STACK_CHUNK)]
+
+
+def _step_groups(pending: list) -> list:
+  """``pending`` ((step, device metrics) in step order) as runs of one tree structure (a
+  measuring step's metrics have keys the train step's lack): ``[(steps, [metrics])]``."""
+  groups, last = [], None
+  for step, m in pending:
+    td = tuple(m)  # the step's flat metrics dict: its keys are its structure
+    if td != last:
+      groups.append(([], []))
+      last = td
+    groups[-1][0].append(step)
+    groups[-1][1].append(m)
+  return groups
+
+
 def _read_pending(run: Run, names, on_nonfinite: str, mngr, structure=None) -> None:
-  """Read the metrics of the steps run since the last read (one host sync) and check each step
-  for NaN/Inf in order, so a non-finite step is reported at its own step number."""
-  steps = [s for s, _ in run.pending]
-  for step, m in zip(steps, _fetch([m for _, m in run.pending])):
-    if not bool(m["finite"]):
-      bad = [n for n, l in zip(names, np.asarray(m["losses"])) if not np.isfinite(l)]
-      what = f"task loss {', '.join(bad)}" if bad else "combined gradient (all losses finite)"
-      if on_nonfinite == "stop":
-        msg = (f"non-finite {what} at step {step}; stopping, the last good checkpoint is "
-               f"step {mngr.latest_step()}")
-        logging.error(msg)
-        raise NonFiniteError(msg)
-      logging.warning("non-finite %s at step %d: step skipped (%d so far)", what, step,
-                      int(m["skipped"]))
-    run.skipped = int(m["skipped"])
+  """Read the metrics of the steps run since the last read and check each step for NaN/Inf in
+  order, so a non-finite step is reported at its own step number. The steps' metrics are stacked
+  on the device (:func:`_stack_steps`) and read in one host sync (:func:`_fetch`)."""
+  groups = _step_groups(run.pending)
+  fetched = _fetch([_stack_steps(ms) for _, ms in groups])
+  for (steps, _), chunks in zip(groups, fetched):
+    if len(steps) < _STACK_MIN:
+      m = jax.tree.map(lambda *xs: np.stack(xs), *chunks)
+    else:
+      m = chunks[0] if len(chunks) == 1 else jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
+    finite = np.asarray(m.pop("finite"), bool)
+    for i in np.flatnonzero(~finite):
+      _nonfinite(names, m, int(i), steps[i], on_nonfinite, mngr)
+    run.skipped = int(m["skipped"][-1])
     stage = m.pop("stage_gramians", None)
-    if (stage is not None and bool(m["finite"]) and run.window is not None
-        and dynamic.measuring(structure, step - 1)):
-      run.window.add(stage)
-    scal = {k: np.asarray(v, np.float64) for k, v in m.items() if k != "finite"}
+    if stage is not None and run.window is not None:
+      for i, step in enumerate(steps):
+        if finite[i] and dynamic.measuring(structure, step - 1):
+          run.window.add(stage[i])
     acc = run.acc if run.acc is not None else {}
-    for k, v in scal.items():  # per key: a measuring step has statistics the others lack
+    for k, v in m.items():  # per key: a measuring step has statistics the others lack
       total, count = acc.get(k, (0.0, 0))
-      acc[k] = (total + v, count + 1)
+      acc[k] = (total + np.asarray(v, np.float64).sum(0), count + len(steps))
     run.acc = acc
-    run.acc_n += 1
+    run.acc_n += len(steps)
   run.pending = []
+
+
+def _nonfinite(names, m: dict, i: int, step: int, on_nonfinite: str, mngr) -> None:
+  """Report the non-finite step ``step`` (row ``i`` of the read metrics ``m``): raise
+  :class:`NonFiniteError` (``stop``) or warn (``skip``)."""
+  bad = [n for n, l in zip(names, np.asarray(m["losses"][i])) if not np.isfinite(l)]
+  what = f"task loss {', '.join(bad)}" if bad else "combined gradient (all losses finite)"
+  if on_nonfinite == "stop":
+    msg = (f"non-finite {what} at step {step}; stopping, the last good checkpoint is "
+           f"step {mngr.latest_step()}")
+    logging.error(msg)
+    raise NonFiniteError(msg)
+  logging.warning("non-finite %s at step %d: step skipped (%d so far)", what, step,
+                  int(m["skipped"][i]))
 
 
 def _log(run: Run, names, out: Outputs) -> None:
@@ -957,9 +1007,12 @@ def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progr
   last_split = max(splits, default=0)
   n, bar, compiled = p.num_steps, None, set()
   batch = next(p.loader) if run.step < n else None
+  ahead = None  # the metrics of a step dispatched before the last boundary's read
   while run.step < n:
     fn = _step_fn(run, p, structure, last_split)
-    if fn not in compiled:  # compiles: timed apart (the first one before the bar starts)
+    if ahead is not None:
+      metrics, ahead = ahead, None
+    elif fn not in compiled:  # compiles: timed apart (the first one before the bar starts)
       _pause(run)
       what = ("measuring step" if fn is p.measure_fn else "train step") + (
           f" of tree {T.format_tree(p.tree, names)}" if p.tree is not None else "")
@@ -982,6 +1035,18 @@ def _loop(run: Run, p: Program, ev: Evaluator, out: Outputs, config, stop, progr
     run.ahead = batch is not None
     at = {k: run.step % v == 0 or run.step == n for k, v in every.items()}
     if stop.at(run.step) or any(at.values()):
+      if (batch is not None and not (stop.flag or at["eval_every"] or at["checkpoint_every"])
+          and _step_fn(run, p, structure, last_split) is fn):
+        # A log-only boundary: the next step runs on the device while the host reads and logs
+        # this one's (the device never idles there; the log's host work counts as training time).
+        run.state, ahead = fn(run.state, shard_batch(batch, p.mesh))
+        _read_pending(run, names, config.train.on_nonfinite, out.mngr, structure)
+        _pause(run)
+        _resume_clock(run)
+        _log(run, names, out)
+        bar.set_postfix_str(f"loss {run.loss:.4g}", refresh=False)
+        bar.update(1)
+        continue
       _read_pending(run, names, config.train.on_nonfinite, out.mngr, structure)
       _pause(run)
       if at["log_every"]:

@@ -146,6 +146,37 @@ def test_data_benchmark_schema(tmp_path):
     assert report["ratio_to_step"][w] == pytest.approx(r / step)
 
 
+def test_accelerator_preset_plans_every_row_and_writes_json_and_markdown(tmp_path):
+  """`--preset=accelerator --tiny` on two rows (QM9 LS and Nash-MTL: the cheapest compiles here;
+  all eight rows take ~90 s on this CPU): both files written, one row each, the ratio to LS."""
+  from bench import accel  # pylint: disable=g-import-not-at-top
+  assert set(accel.CELEBA_ROWS) == {("ls", ""), ("nash_mtl", ""), ("nash_mtl", "features"),
+                                    ("pcgrad", ""), ("famo", ""), ("upgrad", "")}
+  assert accel.FULL[:4] == (64, 256, 0, "all") and accel.FULL[4:6] == (120, 64)
+  out = tmp_path / "acc"
+  report = _launcher().main(["--preset=accelerator", "--tiny", "--steps=2", f"--out={out}",
+                             "--rows=qm9:ls,qm9:nash_mtl",
+                             "--compiler_option=xla_backend_optimization_level=0"])
+  with open(out / "accelerator.json") as f:
+    assert json.load(f) == json.loads(json.dumps(report))
+  rows = report["rows"]
+  assert [(r["benchmark"], r["combiner"]) for r in rows] == [("qm9", "ls"), ("qm9", "nash_mtl")]
+  ls, nash = rows
+  assert ls["mode"] == "losses" and nash["mode"] in ("jacobian", "gramian")
+  assert ls["ratio_to_ls"] == 1.0
+  assert nash["ratio_to_ls"] == pytest.approx(nash["step_s"] / ls["step_s"])
+  for r in rows:
+    assert r["finite"] and r["batch_size"] == accel.TINY.qm9_batch and r["num_tasks"] == 11
+    assert r["steps_per_s"] == pytest.approx(1 / r["step_s"]) and r["timed_steps"] >= 2
+    assert r["compile_s"] > 0 and r["peak_memory_mb"] > 0
+  table = (out / "accelerator.md").read_text().splitlines()
+  assert sum(line.startswith("| qm9 |") for line in table) == 2
+  with pytest.raises(SystemExit, match="valid: .*celeba:upgrad"):
+    _launcher().main(["--preset=accelerator", "--rows=celeba:nash"])
+  with pytest.raises(SystemExit, match="valid: accelerator"):
+    _launcher().main(["--preset=gpu"])
+
+
 def test_bounds_get_a_verdict_only_at_the_sizes_they_were_set_for():
   mod = _launcher()
   for sizes, applied in ((mod.BOUND_SIZES, True), (dict(mod.BOUND_SIZES, num_tasks=3), False)):
