@@ -88,8 +88,9 @@ def _draw_tree(ax, tree: Sequence, tasks: Sequence[str], title: str) -> None:
   ax.set_xticks([])
   ax.set_xlim(-0.6, k - 0.4)
   ax.set_ylim(-n_stages - 0.35, 0.5)
-  for side in ("top", "right", "bottom"):
+  for side in ("top", "right", "bottom", "left"):
     ax.spines[side].set_visible(False)
+  ax.tick_params(axis="y", length=0)
   ax.set_title(title, fontsize=9)
 
 
@@ -106,9 +107,11 @@ def tree_picture(recs: Sequence[Mapping], tasks: Sequence[str], path: str,
     what = ("start" if int(r["step"]) == 0 and not r.get("split") else
             "kept" if r.get("split") is False else "split")
     frac = r.get("fraction")
-    sub = f"step {int(r['step'])} ({what}" + (f", {100 * frac:.0f}% of independent" if
-                                              frac is not None else "")
-    sub += f", {int(r['num_params']):,} params)" if r.get("num_params") else ")"
+    sub = f"step {int(r['step'])} ({what})"
+    if frac is not None:
+      sub += f"\n{100 * frac:.0f}% of independent"
+    if r.get("num_params"):
+      sub += f", {int(r['num_params']):,} params"
     _draw_tree(ax, r["tree"], tasks, sub)
   fig.suptitle(title, fontsize=10)
   return plots._save(fig, path)  # pylint: disable=protected-access
@@ -176,6 +179,7 @@ def pareto_scatter(points: Mapping[str, tuple[float, float, float]], path: str,
   for c in combs:
     ax.plot([], [], "o", color=colours[c], label=c)
   ax.axhline(0.0, color="black", lw=0.6)
+  ax.margins(x=0.15, y=0.1)
   ax.set_xlabel("parameters")
   ax.set_ylabel("Δm% vs single-task (lower is better)")
   ax.set_title(title, fontsize=10)
