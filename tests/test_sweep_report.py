@@ -407,3 +407,78 @@ def test_real_digits_sweep_and_report(tmp_path):
   assert all(c["gap_final"] is not None for c in curves)  # the train split was evaluated
   md = (tmp_path / "rep" / "report.md").read_text()
   assert "cosine heatmap mgda" in md and "combiner weights" in md and "two-task trade-off" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# The structure section (issue 17.7) on fabricated runs with structure records.
+
+_HARD, _INDEP = [[[0, 1]], [[0, 1]]], [[[0, 1]], [[0], [1]]]
+
+
+def _structure_run(path, test, seed, combiner, num_params, method=None, restart=False):
+  """A fabricated run; with ``method`` its summary holds a structure block: the hard start and
+  one split at step 10 (with the per-stage cosines that chose it)."""
+  _write_run(path, ["a", "b"], test, seed, combiner, num_params)
+  with open(os.path.join(path, "summary.json")) as f:
+    summary = json.load(f)
+  summary["wall_time_s"] = 3.0 + seed
+  if method is not None:
+    aff = [[[1.0, 0.8], [0.8, 1.0]], [[1.0, -0.4], [-0.4, 1.0]]]
+    recs = [{"step": 0, "method": method, "tree": _HARD, "split": False, "fraction": 0.5,
+             "num_params": 100, "describe": "{a,b} | {a,b}"},
+            {"step": 10, "method": method, "tree": _INDEP, "split": True, "fraction": 0.75,
+             "num_params": num_params, "describe": "{a,b} | {a} {b}", "affinity": aff,
+             "conflict": [0.0, 1.0], "window_steps": 5}]
+    summary["sharing"] = "branched" if method == "fixed" else "hard"
+    summary["config"]["structure"] = {"restart": restart}
+    summary["structure"] = {"method": method, "tree": _INDEP, "describe": "{a,b} | {a} {b}",
+                            "trees": {"0": _HARD, "10": _INDEP}, "splits": recs,
+                            "restart_step": 10 if restart else None}
+  with open(os.path.join(path, "summary.json"), "w") as f:
+    json.dump(summary, f)
+
+
+def test_report_structure_section(tmp_path):
+  from mtl_jax.analysis import structure as structure_lib
+  for t, vals in STL.items():
+    for s, v in enumerate(vals):
+      _write_run(tmp_path / "stl" / t / f"s{s}", [t], {t: v}, s, "ls", 100)
+  # (strategy label, combiner, method, restart, params, test values of a and b per seed)
+  grid = [("hard", "ls", None, False, 100, ([1.2, 1.3], [2.0, 2.1])),
+          ("affinity", "ls", "affinity", False, 150, ([1.0, 1.1], [2.0, 2.2])),
+          ("recon", "ls", "conflict", True, 150, ([1.1, 1.2], [2.1, 2.2])),
+          ("branched", "nash_mtl", "fixed", False, 200, ([0.9, 1.0], [1.9, 2.0]))]
+  for label, comb, method, restart, n, (a, b) in grid:
+    for s in range(2):
+      _structure_run(tmp_path / "a+b" / label / comb / f"s{s}", {"a": a[s], "b": b[s]}, s, comb,
+                     n, method, restart)
+  out = tmp_path / "rep"
+  numbers = study.build_report(str(tmp_path), str(out))
+  mix = numbers["mixes"]["a+b"]
+  names = ["ls", "ls/affinity", "ls/recon", "nash_mtl/branched"]
+  assert set(mix["methods"]) == set(names)
+  assert [mix["structure"][n]["strategy"] for n in names] == ["hard", "affinity", "recon",
+                                                              "branched"]
+  dm = {n: float(np.mean(mix["methods"][n]["delta_m"])) for n in names}
+  params = {n: mix["methods"][n]["params"] for n in names}
+  # the front by brute force: no other method with <= params and <= Δm%, one strictly
+  want = sorted((n for n in names if not any(
+      params[o] <= params[n] and dm[o] <= dm[n] and (params[o], dm[o]) != (params[n], dm[n])
+      for o in names)), key=lambda n: (params[n], dm[n]))
+  assert mix["pareto_front"] == want == ["ls", "ls/affinity", "nash_mtl/branched"]
+  assert structure_lib.pareto_front({"x": (1, 2), "y": (1, 1), "z": (2, 0)}) == ["y", "z"]
+  assert structure_lib.leaf_order([[[0, 1, 2, 3]], [[0, 2], [1, 3]], [[0], [2], [1], [3]]]) == \
+      [0, 2, 1, 3]
+  md = (out / "report.md").read_text()
+  assert "### Sharing structure" in md and "Pareto front of sharing" in md
+  # per-task Δm% of ls/affinity on a: (mean of 1.0, 1.1 vs the STL mean 1.05) = 0
+  csv = (out / "structure_mix_2_a_b.csv").read_text().splitlines()
+  row = next(r for r in csv if r.startswith("ls/affinity,"))
+  assert row.split(",")[1:4] == ["affinity", "ls", "150"], row
+  plots_dir = out / "plots"
+  pngs = {p.name for p in plots_dir.iterdir()}
+  for n in ("ls_affinity", "ls_recon", "nash_mtl_branched"):
+    for s in range(2):
+      assert f"tree_mix_2_a_b_{n}_s{s}.png" in pngs
+      assert f"affinity_mix_2_a_b_{n}_s{s}_step10.png" in pngs
+  assert "pareto_mix_2_a_b.png" in pngs and not any(p.startswith("tree_mix_2_a_b_ls_s") for p in pngs)

@@ -183,11 +183,34 @@ def mix_name(tasks: Sequence[str], all_tasks: Optional[Sequence[str]] = None) ->
   return "+".join(tasks)
 
 
+def structure_of(summary: Mapping[str, Any]) -> Optional[dict]:
+  """The summary's ``structure`` block (a run with a ``config.structure`` method), or None."""
+  st = summary.get("structure")
+  return dict(st) if isinstance(st, Mapping) and st.get("method") not in (None, "none") else None
+
+
+def strategy(summary: Mapping[str, Any]) -> str:
+  """The sharing a run compares as: its structure method (``fixed`` is ``branched``; ``conflict``
+  retrained from scratch is ``recon``), else ``config.model.sharing``."""
+  st = structure_of(summary)
+  if st is None:
+    return str(summary.get("sharing", ""))
+  method = str(st["method"])
+  if method == "fixed":
+    return "branched"
+  restart = ((summary.get("config") or {}).get("structure") or {}).get("restart")
+  if method == "conflict" and (restart or st.get("restart_step")):
+    return "recon"
+  return method
+
+
 def method_key(run: Run) -> str:
-  """The method a run is a seed of: ``combiner`` (``/sharing`` unless hard) (``[mix]``)."""
+  """The method a run is a seed of: ``combiner`` (``/strategy`` unless hard; the strategy is the
+  structure method when the run has one, :func:`strategy`) (``[mix]``)."""
   name = run.combiner
-  if run.sharing and run.sharing != "hard":
-    name += f"/{run.sharing}"
+  strat = strategy(run.summary)
+  if strat and strat != "hard":
+    name += f"/{strat}"
   return name
 
 

@@ -35,6 +35,7 @@ from mtl_jax.analysis import conflict as conflict_lib
 from mtl_jax.analysis import overfitting as overfit_lib
 from mtl_jax.analysis import plots
 from mtl_jax.analysis import runs as runs_lib
+from mtl_jax.analysis import structure as structure_lib
 from mtl_jax.analysis import tables
 from mtl_jax.analysis import transfer as transfer_lib
 
@@ -229,6 +230,7 @@ def build_report(root: str, out: str, *, alpha: float = 0.05,
     _conflict_section(doc, m)
     _weights_section(doc, m)
     _tradeoff_section(doc, s, m)
+    _structure_section(doc, s, m)
   if toy:
     _toy_section(doc, toy)
   with open(os.path.join(out, "report.md"), "w") as f:
@@ -505,6 +507,86 @@ def _tradeoff_section(doc: _Doc, s: _Study, m: _Mix) -> None:
                                    doc.plot(f"tradeoff_{m.tag}"), stl_pt,
                                    title=f"Trade-off {ta} vs {tb} (test; mean ± std)"),
             "two-task trade-off")
+
+
+def _structure_section(doc: _Doc, s: _Study, m: _Mix) -> None:
+  """The sharing structure (when a run of the mix has one): the strategies' table, the Δm% vs
+  parameters scatter with its Pareto front, and per run its trees and the affinity that chose
+  each split."""
+  if not any(runs_lib.structure_of(r.summary) for d in m.rows.values() for r in d["runs"]):
+    return
+  doc.md += ["### Sharing structure", "",
+             "Each method's sharing strategy (a `config.structure` method, or the model's fixed "
+             "sharing), its parameters (final model), Δm% and per-task Δm% against "
+             + (m.source if m.have_stl else "the runs' own reference") +
+             " (lower is better; mean ± std over seeds) and wall time per run (compilation, "
+             "evaluation and the structure search included).", ""]
+  _structure_table(doc, s, m)
+  pts = {name: (d["params"], float(np.mean(d["delta_m"])),
+                float(np.std(d["delta_m"], ddof=1)) if len(d["delta_m"]) > 1 else 0.0)
+         for name, d in m.rows.items() if d["delta_m"]}
+  if pts:
+    front = structure_lib.pareto_front({k: (p, dm) for k, (p, dm, _) in pts.items()})
+    m.numbers["pareto_front"] = front
+    doc.md += [f"Pareto front of sharing (no other method has both fewer parameters and a lower "
+               f"Δm%): {', '.join(front)}.", ""]
+    doc.image(structure_lib.pareto_scatter(pts, doc.plot(f"pareto_{m.tag}"),
+                                           title=f"Δm% against parameters ({m.label}; mean ± "
+                                           f"std over seeds)"), "Pareto front of sharing")
+  _structure_pictures(doc, m)
+
+
+def _structure_table(doc: _Doc, s: _Study, m: _Mix) -> None:
+  rows, num = [], {}
+  for name, d in m.rows.items():
+    r0 = d["runs"][0]
+    per_task = []
+    if m.have_stl:
+      gains = _gains(s, d["runs"], m.tasks)
+      per_task = [tables.MeanStd(-gains[t][0], gains[t][1], len(d["runs"])) if t in gains
+                  else "–" for t in m.tasks]
+    else:
+      per_task = ["–"] * len(m.tasks)
+    wall = [r.summary.get("wall_time_s") for r in d["runs"] if r.summary.get("wall_time_s")]
+    rows.append([name, runs_lib.strategy(r0.summary), r0.combiner, int(d["params"]),
+                 _ms(d["delta_m"]) if d["delta_m"] else "–"] + per_task +
+                [_ms(wall) if wall else "–"])
+    num[name] = {"strategy": runs_lib.strategy(r0.summary), "combiner": r0.combiner,
+                 "params": d["params"], "wall_time_s": wall,
+                 "trees": [(runs_lib.structure_of(r.summary) or {}).get("tree")
+                           for r in d["runs"]]}
+  m.numbers["structure"] = num
+  doc.table(tables.Table(["method", "strategy", "combiner", "params", "Δm% ↓"] +
+                         [f"{t} Δm% ↓" for t in m.tasks] + ["time (s)"], rows,
+                         caption=f"Sharing strategies on {m.label}: parameters, Δm% and time",
+                         label=f"tab:structure_{m.tag}"), f"structure_{m.tag}")
+
+
+def _structure_pictures(doc: _Doc, m: _Mix) -> None:
+  """Per run with a structure: its trees (start and every split) and the per-stage cosines of
+  each measured split."""
+  for name, d in m.rows.items():
+    for r in d["runs"]:
+      st = runs_lib.structure_of(r.summary)
+      if st is None:
+        continue
+      recs = structure_lib.records(st)
+      tag = _slug(f"{m.tag}_{name}_s{r.seed}")
+      doc.md += [f"**{name}**, seed {r.seed} ({runs_lib.strategy(r.summary)}): final tree "
+                 f"`{st.get('describe', '')}`.", ""]
+      doc.image(structure_lib.tree_picture(recs, list(r.tasks), doc.plot(f"tree_{tag}"),
+                                           title=f"Sharing structure of {name}, seed {r.seed}"),
+                f"tree {name} seed {r.seed}")
+      for rec in recs:
+        if rec.get("affinity") is None:
+          continue
+        doc.image(structure_lib.stage_heatmaps(
+            rec["affinity"], list(r.tasks), doc.plot(f"affinity_{tag}_step{int(rec['step'])}"),
+            conflict=rec.get("conflict"),
+            title=f"{name}, seed {r.seed}: per-stage gradient cosine over the "
+            f"{rec.get('window_steps', '?')} steps before step {int(rec['step'])} "
+            f"({rec['method']}: {'split' if rec.get('split') else 'kept'})"),
+            f"affinity {name} seed {r.seed} step {int(rec['step'])}")
 
 
 def _toy_section(doc: _Doc, toy: str) -> None:
