@@ -185,16 +185,11 @@ def _step_rate(config, batch, steps: int) -> float:
   build, state and step; compile and one warm-up step excluded)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from mtl_jax import combiners, train  # pylint: disable=g-import-not-at-top
+  from mtl_jax import train  # pylint: disable=g-import-not-at-top
 
-  bench, model, method, mode = train.build(config)
-  mesh = train.make_mesh(None)
-  tx = train.make_optimizer(config, 100)
-  state, constants = train.init_state(config, model, bench, method, tx, mesh)
-  mask = combiners.resolve_mask(model.shared_mask, jax.device_get(state.params))
-  step = train.make_train_step(model, list(bench.tasks), method, tx, mesh, mode=mode,
-                               shared_mask=mask, constants=constants)
-  sharded = train.shard_batch(batch, mesh)
+  p = train.build_step(config, 100)  # exactly the trainer's step for this config
+  state, step = p.state, p.step_fn
+  sharded = train.shard_batch(batch, p.mesh)
   state, m = step(state, sharded)
   jax.block_until_ready(m)
   t = time.perf_counter()

@@ -609,30 +609,45 @@ def retree(config, p: Program, tree) -> Program:
                     measure_fn=measure_fn, tree=model.info["tree"])
 
 
-def build_program(config, devices=None, built=None, num_steps: Optional[int] = None) -> Program:
-  """Build, initialise and jit the run of ``config``: the shared start of :func:`fit` and
-  :func:`run_steps`. ``num_steps``: the schedule's length (default: the config's). With
-  ``config.structure.restart`` the run is ``warmup_steps`` longer (the measuring steps, then the
-  schedule from its start)."""
-  bench, model, method, mode = built if built is not None else build(config)
-  mesh = make_mesh(devices)
+def _check_batch(config, mesh) -> None:
   bsz, ndev = int(config.train.batch_size), mesh.devices.size
   if bsz % ndev:
     raise config_utils.ConfigError(
         f"config.train.batch_size {bsz} is not divisible by the {ndev} devices")
-  loader = make_train_loader(bench, config, mesh)
-  if num_steps is None:
-    num_steps = int(config.train.num_steps) or int(config.train.num_epochs) * \
-        loader.batches_per_epoch
+
+
+def build_step(config, num_steps: int, mesh=None, built=None) -> Program:
+  """The loader-free part of :func:`build_program`: the built ``(bench, model, method, mode)``,
+  the optimizer over a schedule of ``num_steps``, the initial state and the jitted step (and the
+  measuring step of a dynamic structure) exactly as the trainer runs them; ``loader`` is None.
+  ``mesh`` defaults to every device. The benchmarks time this step (``launch/bench``)."""
+  bench, model, method, mode = built if built is not None else build(config)
+  mesh = make_mesh(None) if mesh is None else mesh
+  _check_batch(config, mesh)
   tx = make_optimizer(config, num_steps)
   state, constants = init_state(config, model, bench, method, tx, mesh)
   mask = combiners.resolve_mask(model.shared_mask, jax.device_get(state.params))
   step_fn, measure_fn = _step_fns(config, bench, model, method, tx, mesh, mode, mask, constants)
   s = _structure(config)
   loop_steps = int(num_steps) + (int(s.warmup_steps) if s.get("restart") else 0)
-  return Program(bench, model, method, mode, mesh, loader, loop_steps, state, constants,
+  return Program(bench, model, method, mode, mesh, None, loop_steps, state, constants,
                  step_fn, tx, measure_fn,
                  model.info["tree"] if model.name == "branched" else None)
+
+
+def build_program(config, devices=None, built=None, num_steps: Optional[int] = None) -> Program:
+  """Build, initialise and jit the run of ``config``: the shared start of :func:`fit` and
+  :func:`run_steps` (:func:`build_step` and the training loader). ``num_steps``: the schedule's
+  length (default: the config's). With ``config.structure.restart`` the run is ``warmup_steps``
+  longer (the measuring steps, then the schedule from its start)."""
+  built = built if built is not None else build(config)
+  mesh = make_mesh(devices)
+  _check_batch(config, mesh)
+  loader = make_train_loader(built[0], config, mesh)
+  if num_steps is None:
+    num_steps = int(config.train.num_steps) or int(config.train.num_epochs) * \
+        loader.batches_per_epoch
+  return build_step(config, num_steps, mesh, built)._replace(loader=loader)
 
 
 def run_steps(config, num_steps: int, devices=None, batches=None):

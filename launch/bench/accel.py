@@ -89,18 +89,11 @@ def run_row(config, combiner: str, mode: str, steps: int, row_seconds: float,
             compiler_options: Optional[dict] = None) -> dict:
   """Build, compile (with the XLA ``compiler_options``) and time one row (see the module
   docstring)."""
-  from mtl_jax import combiners, train  # pylint: disable=g-import-not-at-top
+  from mtl_jax import train  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.combiner.name, config.engine.mode = combiner, mode
-  bench, model, method, mode = train.build(config)
-  mesh = train.make_mesh(None)
-  tx = train.make_optimizer(config, 1000)
-  state, constants = train.init_state(config, model, bench, method, tx, mesh)
-  mask = combiners.resolve_mask(model.shared_mask, jax.device_get(state.params))
-  step = train.make_train_step(model, list(bench.tasks), method, tx, mesh, mode=mode,
-                               shared_mask=mask, constants=constants,
-                               per_device_batches=bench.per_device_batches,
-                               layer_gramian=config.engine.layer_gramian)
+  p = train.build_step(config, 1000)  # exactly the trainer's step for this config
+  bench, model, mesh, state, step, mode = p.bench, p.model, p.mesh, p.state, p.step_fn, p.mode
   batch = train.shard_batch(full_batch(bench, config, mesh), mesh)
   compiled, compile_s = bt.compile_step(step, state, batch, compiler_options)
   t0 = time.perf_counter()
