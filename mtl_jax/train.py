@@ -397,6 +397,8 @@ def shard_batch(batch, mesh):
   For a per-device stack (``[D_local, ...]`` leaves) the leading axis is the device axis: each
   device gets exactly its own sub-batch."""
   sharding = NamedSharding(mesh, P(AXIS))
+  if jax.process_count() == 1:  # the local batch is the global one: one batched transfer of the
+    return jax.device_put(batch, sharding)  # whole tree (half the host time of one per leaf)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       batch)
 
