@@ -1088,7 +1088,7 @@ def _split(run: Run, p: Program, ev: Evaluator, out: Outputs, config):
   s, names = config.structure, [t.name for t in p.bench.tasks]
   window = run.window if run.window is not None else dynamic.Window(s.conflict_threshold)
   rec = dynamic.decide(s, window, run.tree, stage_param_counts(run.state.params, run.tree),
-                       run.step, names)
+                       run.step, names, share=p.method.needs != combiners.LOSSES)
   new = T.canonical(rec["tree"], list(range(len(names))), len(run.tree))
   run.window = None
   rec["split"] = new != run.tree

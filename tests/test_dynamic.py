@@ -83,15 +83,20 @@ def test_affinity_splits_and_resumes_across_the_split_exactly(tmp_path, monkeypa
 
 
 def test_conflict_restart_is_a_fixed_run_of_the_chosen_tree(tmp_path):
-  c = _syn(method="conflict", warmup_steps=3, window=3, top_k=1, restart=True)
+  """PCGrad needs a Gramian over shared parameters: with top_k = every stage (both conflict here)
+  the tree keeps stage 0 shared (a share-nothing tree crashed the Gramian step)."""
+  c = _syn(method="conflict", warmup_steps=3, window=3, top_k=2, restart=True)
   c.data.batch_norm = False
+  c.combiner.name = "pcgrad"
   out = train.fit(c, str(tmp_path / "recon"))
   tree = out["structure"]["tree"]
   assert out["step"] == 13 and out["structure"]["restart_step"] == 3
-  assert tree != out["structure"]["trees"]["0"]  # some stage became task-specific
-  assert tree[-1] == [[0], [1], [2], [3]]
+  rec = out["structure"]["splits"][-1]
+  assert rec["share"] and min(rec["conflict"]) > 0  # stage 0 would have been chosen
+  assert tree == [[[0, 1, 2, 3]], [[0], [1], [2], [3]]]
   f = _syn(method="fixed", tree=tuple(tuple(tuple(g) for g in s) for s in tree))
   f.data.batch_norm = False
+  f.combiner.name = "pcgrad"
   fixed = train.fit(f, str(tmp_path / "fixed"))
   assert fixed["params_checksum"] == out["params_checksum"]
 

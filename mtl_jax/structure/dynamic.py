@@ -36,6 +36,12 @@ Recon makes individual layers task-specific, possibly with shared layers after t
 cannot join tasks it has separated, so here every stage from the earliest of the ``top_k`` chosen
 stages on becomes task-specific (with ``top_k`` counted in stages, not layers), and its score is
 the conflict fraction over one window rather than over a whole statistics run.
+
+A combiner that needs a Gramian (Nash-MTL, MGDA, PCGrad, ...: ``needs`` other than ``losses``)
+weighs the gradients of the shared parameters, so with one a split never leaves nothing shared:
+``affinity`` excludes the independent networks from the trees it chooses among
+(``choose_tree(share=True)``), ``conflict`` never turns stage 0 task-specific (Recon itself keeps
+the least conflicting layers shared). The split record's ``share`` says when the rule applied.
 """
 
 from __future__ import annotations
@@ -172,29 +178,44 @@ class Window:
     return w
 
 
-def conflict_tree(scores: Sequence[float], top_k: int, current: tuple) -> tuple:
-  """Recon on a tree: the ``top_k`` stages with the highest conflict score, and every stage after
-  the earliest of them, become task-specific; earlier stages keep ``current``'s groups."""
+def conflict_tree(scores: Sequence[float], top_k: int, current: tuple, share: bool = False,
+                  stage_params: Optional[Sequence[float]] = None) -> tuple:
+  """Recon on a tree: the ``top_k`` stages with the highest (positive) conflict score, and every
+  stage after the earliest of them, become task-specific; earlier stages keep ``current``'s
+  groups. A stage without conflict (score 0) is never chosen.
+
+  ``share=True`` (a combiner that needs a Gramian over shared parameters): a stage is a candidate
+  only when the stages before it keep a copy shared by two tasks or more (``stage_params``: one
+  count per stage, parameter-free stages share nothing); so stage 0 never is, and the tree always
+  shares a prefix of the network."""
   scores = np.asarray(scores, np.float64)
-  if not np.any(scores > 0):
+  sp = [1.0] * len(current) if stage_params is None else [float(n) for n in stage_params]
+  cand = [s for s in range(len(scores)) if scores[s] > 0 and (
+      not share or T.shares(current[:s], sp[:s]))]
+  if not cand:
     return current
-  order = sorted(range(len(scores)), key=lambda s: (-scores[s], s))
+  order = sorted(cand, key=lambda s: (-scores[s], s))
   first = min(order[:int(top_k)])
   singletons = tuple((k,) for k in range(sum(len(g) for g in current[0])))
   return tuple(p if s < first else singletons for s, p in enumerate(current))
 
 
 def decide(s, window: Window, current: tuple, stage_params: Sequence[float], step: int,
-           task_names: Sequence[str]) -> dict:
+           task_names: Sequence[str], share: bool = False) -> dict:
   """The split record of ``step``: the new tree (canonical, in ``'tree'`` as lists) and the
-  affinity that chose it."""
+  affinity that chose it. ``share``: the tree must keep a stage shared by two tasks or more (the
+  combiner needs a Gramian over shared parameters; see :func:`choose.choose_tree`,
+  :func:`conflict_tree`)."""
   gram, cos, conf = window.means()
   if s.method == "affinity":
-    choice = C.choose_tree(cos, stage_params, float(s.budget), s.choose, within=current)
+    choice = C.choose_tree(cos, stage_params, float(s.budget), s.choose, within=current,
+                           share=share)
     new, extra = choice.tree, {"cost": choice.cost, "chooser": choice.method}
   else:
-    new, extra = conflict_tree(conf, int(s.top_k), current), {"top_k": int(s.top_k)}
+    new = conflict_tree(conf, int(s.top_k), current, share, stage_params)
+    extra = {"top_k": int(s.top_k)}
   return {"step": int(step), "method": s.method, "tree": T.to_list(new),
           "describe": T.format_tree(new, task_names),
           "fraction": T.budget_fraction(new, stage_params), "window_steps": window.n,
-          "affinity": cos.tolist(), "conflict": conf.tolist(), "gramian": gram.tolist(), **extra}
+          "affinity": cos.tolist(), "conflict": conf.tolist(), "gramian": gram.tolist(), "share": bool(share),
+          **extra}
