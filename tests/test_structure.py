@@ -276,15 +276,27 @@ def test_affinity_and_choose_tree_recover_the_planted_split(planted_setup):
       return optax.apply_updates(p, u), o
     return jax.lax.fori_loop(0, 300, body, (p, tx.init(p)))[0]
 
-  aff = A.stage_affinity(m, {"params": warm_up(v["params"])}, tasks, [batch])
+  warm = {"params": warm_up(v["params"])}
+  aff = A.stage_affinity(m, warm, tasks, [batch], lookahead_lr=0.1)
   cos = aff.cosine
   assert cos.shape == (2, 4, 4) and aff.steps == 1
   assert cos[1, 0, 1] > 0.5 and cos[1, 2, 3] > 0.5 and cos[1, 0, 2] < -0.5
+  # TAG's lookahead: a step for t0 at the bottleneck lowers t1's loss and raises t2's.
+  z = aff.lookahead
+  assert z.shape == (2, 4, 4) and z[1, 0, 1] > 0 and z[1, 0, 2] < 0 and z[1, 2, 3] > 0
+  tag = A.normalised_lookahead(z)
+  # First order: Z_{i->j} = lr g_i.g_j / L_j + O(lr^2) (the same compiled program: lr is traced).
+  small = A.stage_affinity(m, warm, tasks, [batch], lookahead_lr=1e-4)
+  losses = np.asarray(loss_fn(warm["params"], {}, batch, jax.random.key(0))[0])
+  np.testing.assert_allclose(small.lookahead, 1e-4 * small.gramian / losses, rtol=0.02,
+                             atol=0.02 * 1e-4 * np.abs(small.gramian / losses).max())
+  np.testing.assert_allclose(np.diagonal(tag, axis1=1, axis2=2), 1.0)
   sp = C.stage_param_counts(b)
   assert sp == [6 * 8 + 8, 8 + 1]
   one_split = (sp[0] + 2 * sp[1]) / (4 * sum(sp))  # room for two copies of the last stage only
   for method in ("exhaustive", "agglomerative"):
     assert C.choose_tree(cos, sp, one_split, method).tree == PLANTED
+    assert C.choose_tree(tag, sp, one_split, method).tree == PLANTED
   # With room for two copies of every stage, the first stage splits along the clusters too.
   assert C.choose_tree(cos, sp, 0.5).tree[0] == ((0, 1), (2, 3))
 
