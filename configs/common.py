@@ -109,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.structure.budget = 0.5  # stage parameters over the independent networks' (1/K .. 1)
   c.structure.split_steps = ()  # later steps at which to measure and split again (affinity)
   c.structure.choose = "auto"  # choose_tree: auto | exhaustive | agglomerative
+  # affinity: what choose_tree reads, 'cosine' (the per-stage gradient cosine from the engine's
+  # Gramians) | 'lookahead' (TAG's lookahead loss change per stage, Fifty et al. 2021)
+  c.structure.affinity = "cosine"
   c.structure.top_k = 1  # conflict: stages turned task-specific
   c.structure.conflict_threshold = 0.0  # conflict: a pair conflicts when its cosine is below it
   c.structure.restart = False  # affinity / conflict: retrain the chosen tree from step 0 (Recon)

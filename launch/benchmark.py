@@ -36,6 +36,11 @@ LS and Nash-MTL, through the trainer's own build and step on mock inputs: compil
 steps/s, ratio to LS, XLA and device peak memory; ``--out=DIR`` gets ``accelerator.json`` and
 ``accelerator.md``; ``--tiny`` the CPU test sizes.
 
+``structure`` (issue 17.2; ``launch/bench/structure.py``): per config (QM9's MPNN and the digits
+LeNet by default), the jacobian-mode step against the same step with the per-stage Gramians (the
+measuring step of ``structure.method='affinity'``; bound <= 1.10) and with TAG's lookahead affinity
+too (no bound), interleaved rounds, ratios.
+
 ``params``: the parameter count of every sharing strategy for a backbone and K tasks (one-unit
 binary heads, as CelebA's), its ratio to K single-task models, and a JSON file
 ``{strategy: count, ..., "single_task": count of one single-task model}``. Counts come from
@@ -395,6 +400,40 @@ def run_accelerator(args) -> dict:
       json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "accelerator.md"), "w") as f:
       f.write(table)
+  return report
+
+
+# ---------------------------------------------------------------------------------------------
+# ``structure``: the cost of measuring the sharing structure (issue 17.2; launch/bench/structure.py).
+
+STRUCTURE_CONFIGS = ("configs/nash_qm9.py:quick", "configs/nash_digits.py:quick")
+
+
+def _structure_args(p: argparse.ArgumentParser):
+  p.add_argument("--config", action="append", default=[],
+                 help=f"a config file[:variant] (repeatable; default: {', '.join(STRUCTURE_CONFIGS)})")
+  p.add_argument("--steps", type=int, default=20, help="timed calls of each step per round")
+  p.add_argument("--repeats", type=int, default=5, help="rounds, the three steps interleaved")
+  p.add_argument("--out", default="", help="write the JSON report here")
+
+
+@subcommand("structure", _structure_args)
+def run_structure(args) -> dict:
+  """Per config: the jacobian-mode step, the same step with the per-stage Gramians (the measuring
+  step of structure.method='affinity'/'conflict', bound <= 1.10) and with TAG's lookahead too."""
+  from bench import structure  # pylint: disable=g-import-not-at-top
+
+  from mtl_jax import config_utils  # pylint: disable=g-import-not-at-top
+  rows = []
+  for spec in args.config or STRUCTURE_CONFIGS:
+    row = structure.run(config_utils.load_config_file(spec), args.steps, args.repeats)
+    rows.append({"config": spec, **row})
+  print(structure.format_rows(rows), flush=True)
+  report = {"rows": rows, "machine": _machine(), "bound": structure.STAGE_BOUND,
+            "config": {"steps": args.steps, "repeats": args.repeats}}
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
   return report
 
 

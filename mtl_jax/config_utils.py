@@ -30,6 +30,7 @@ CHOICES = {
     ("train", "select"): ("auto", "delta_m", "mean_main"),
     ("structure", "method"): ("none", "fixed", "affinity", "conflict", "learn_to_branch"),
     ("structure", "choose"): ("auto", "exhaustive", "agglomerative"),
+    ("structure", "affinity"): ("cosine", "lookahead"),
 }
 FREE_FORM = {("data",), ("combiner", "hparams"), ("model", "sharing_options")}
 

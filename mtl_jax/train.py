@@ -273,7 +273,7 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
                     shared_mask=None, constants=None, per_device_batches: bool = False,
                     layer_gramian: str = "auto", fixed_order: bool = False,
                     gramian_chunk: int = 1, donate: bool = True,
-                    stage_gramians: Optional[int] = None):
+                    stage_gramians: Optional[int] = None, lookahead_lr: float = 0.0):
   """``step(state, batch) -> (state, metrics)``: jitted, SPMD over ``mesh``, state donated.
 
   ``model`` is a :class:`mtl_jax.sharing.MultiTaskModel`; ``shared_mask`` the tree of bools over
@@ -290,7 +290,10 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
   state, as a benchmark timing one step does).
   ``stage_gramians=S`` (``jacobian`` mode, a hard or branched model): the metrics also hold
   ``stage_gramians`` (S, K, K), each stage's Gramian over its shared parameters from the engine's
-  ``gramian_groups`` (zeros for a stage with no shared copy).
+  ``gramian_groups`` (zeros for a stage with no shared copy); with ``lookahead_lr > 0`` also
+  ``lookahead`` (S, K, K), TAG's lookahead affinity of each stage's shared parameters at that rate
+  times the plateau scale (:func:`mtl_jax.structure.affinity.lookahead_losses`: K more forward
+  passes per stage, and the per-task gradients again).
   """
   groups = _stage_groups(stage_gramians, shared_mask)
   # Host copies: a device array closed over by shard_map must not carry a sharding on the
@@ -332,10 +335,8 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
     if out.gramian is not None:
       metrics.update(evaluation.conflict_stats(out.gramian))
     if stage_gramians:
-      zero = jnp.zeros((len(tasks), len(tasks)), jnp.float32)
-      found = out.group_gramians or {}
-      metrics["stage_gramians"] = jnp.stack([found.get(f"stage_{i}", zero)
-                                             for i in range(stage_gramians)])
+      metrics.update(_stage_metrics(out, len(tasks), stage_gramians, lookahead_lr, loss_fn,
+                                    state, batch, rng, shared_mask, mean))
     new = TrainState(params, new_bs, opt_state, out.state, state.step + 1, state.rng,
                      state.plateau)
     return new, metrics
@@ -347,6 +348,22 @@ def make_train_step(model, tasks, method: combiners.Method, tx: optax.GradientTr
   sharded = jax.shard_map(per_device_sync_bn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
                           check_vma=False)
   return jax.jit(sharded, donate_argnums=(0,) if donate else ())
+
+
+def _stage_metrics(out, k: int, num_stages: int, lookahead_lr: float, loss_fn, state, batch, rng,
+                   shared_mask, mean) -> dict:
+  """The measuring step's structure statistics: ``stage_gramians`` (S, K, K) from the engine and,
+  with ``lookahead_lr``, TAG's ``lookahead`` (S, K, K) at the state's parameters."""
+  zero = jnp.zeros((k, k), jnp.float32)
+  found = out.group_gramians or {}
+  res = {"stage_gramians": jnp.stack([found.get(f"stage_{i}", zero) for i in range(num_stages)])}
+  if lookahead_lr > 0:
+    from mtl_jax.structure import affinity  # pylint: disable=g-import-not-at-top
+    lr = lookahead_lr * state.plateau.scale
+    before, after = affinity.lookahead_losses(loss_fn, state.params, state.batch_stats, batch,
+                                              rng, lr, num_stages, shared_mask, mean)
+    res["lookahead"] = affinity.lookahead_affinity(before, after)
+  return res
 
 
 def _step_loss_fn(model, tasks, mode: str, multi_input: bool, constants):
@@ -594,8 +611,10 @@ def _step_fns(config, bench, model, method, tx, mesh, mode, mask, constants):
   step_fn = make_train_step(model, list(bench.tasks), method, tx, mesh, mode=mode, **kw)
   measure_fn = None
   if _structure(config).method in dynamic.MEASURED:
+    s = _structure(config)
+    lr = float(config.optimizer.learning_rate) if s.get("affinity") == "lookahead" else 0.0
     measure_fn = make_train_step(model, list(bench.tasks), method, tx, mesh, mode="jacobian",
-                                 stage_gramians=len(model.info["tree"]), **kw)
+                                 stage_gramians=len(model.info["tree"]), lookahead_lr=lr, **kw)
   return step_fn, measure_fn
 
 
@@ -941,11 +960,11 @@ def _read_pending(run: Run, names, on_nonfinite: str, mngr, structure=None) -> N
     for i in np.flatnonzero(~finite):
       _nonfinite(names, m, int(i), steps[i], on_nonfinite, mngr)
     run.skipped = int(m["skipped"][-1])
-    stage = m.pop("stage_gramians", None)
+    stage, look = m.pop("stage_gramians", None), m.pop("lookahead", None)
     if stage is not None and run.window is not None:
       for i, step in enumerate(steps):
         if finite[i] and dynamic.measuring(structure, step - 1):
-          run.window.add(stage[i])
+          run.window.add(stage[i], None if look is None else look[i])
     acc = run.acc if run.acc is not None else {}
     for k, v in m.items():  # per key: a measuring step has statistics the others lack
       total, count = acc.get(k, (0.0, 0))
@@ -1105,7 +1124,7 @@ def _split(run: Run, p: Program, ev: Evaluator, out: Outputs, config):
   s, names = config.structure, [t.name for t in p.bench.tasks]
   window = run.window if run.window is not None else dynamic.Window(s.conflict_threshold)
   rec = dynamic.decide(s, window, run.tree, stage_param_counts(run.state.params, run.tree),
-                       run.step, names)
+                       run.step, names, share=p.method.needs != combiners.LOSSES)
   new = T.canonical(rec["tree"], list(range(len(names))), len(run.tree))
   run.window = None
   rec["split"] = new != run.tree

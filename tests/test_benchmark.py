@@ -1,4 +1,4 @@
-"""Smoke runs of launch/benchmark.py at tiny sizes (step, loop, data): schema and rows, no timing."""
+"""Smoke runs of launch/benchmark.py at tiny sizes (step, loop, structure, data): schema and rows, no timing."""
 
 import argparse
 import importlib.util
@@ -123,6 +123,27 @@ def test_loop_benchmark_schema(tmp_path):
   (check,) = report["checks"]
   assert check["bound"] == mod.LOOP_BOUND == 0.9 and check["value"] == report["ratio"]
   assert check["ok"] is None  # not the sizes the bound was set for
+
+
+def test_structure_benchmark_schema(tmp_path):
+  """`benchmark.py structure` on the synthetic smoke MLP (one call per step and round): the three
+  steps' seconds, the ratios to the jacobian-mode step and the bound's verdict (schema, not
+  timing)."""
+  out = tmp_path / "structure.json"
+  mod = _launcher()
+  report = mod.main(["structure", f"--config={ROOT}/configs/synthetic.py:smoke", "--steps=1",
+                     "--repeats=2", f"--out={out}"])
+  with open(out) as f:
+    assert json.load(f) == json.loads(json.dumps(report))
+  (row,) = report["rows"]
+  assert row["num_tasks"] == 4 and row["num_stages"] == 2 and set(row["step_s"]) == {
+      "jacobian", "stage_gramians", "lookahead"}
+  assert all(len(r) == 2 and min(r) > 0 for r in row["rounds_s"].values())
+  q = row["ratio_to_jacobian"]["stage_gramians"]
+  assert q == pytest.approx(float(np.median([a / b for a, b in zip(
+      row["rounds_s"]["stage_gramians"], row["rounds_s"]["jacobian"])])))
+  assert row["check"] == {"name": "stage_gramians_overhead", "bound": 1.10, "value": q,
+                          "ok": q <= 1.10}
 
 
 def test_data_benchmark_schema(tmp_path):

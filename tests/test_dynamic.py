@@ -5,10 +5,13 @@ uninterrupted run's params_checksum, conflict with restart = a fixed run of the 
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from mtl_jax import config_utils, train
 from mtl_jax.configs import nash_qm9, synthetic
+from mtl_jax.structure import affinity as A, dynamic
 
 
 def _syn(**structure):
@@ -31,6 +34,8 @@ def _syn(**structure):
     (dict(method="fixed", tree=((0, 1, 2, 3),), restart=True), "restart is for methods"),
     (dict(method="affinity", budget=1.5), "budget is a fraction"),
     (dict(method="affinity", choose="greedy"), "valid: auto, exhaustive, agglomerative"),
+    (dict(method="affinity", affinity="tag"), "valid: cosine, lookahead"),
+    (dict(method="conflict", affinity="lookahead"), "'lookahead' is for method 'affinity'"),
 ])
 def test_structure_config_errors_are_one_line(change, needle):
   c = _syn(**change)
@@ -62,6 +67,7 @@ def test_affinity_splits_and_resumes_across_the_split_exactly(tmp_path, monkeypa
   split = st["splits"][-1]
   assert split["split"] and split["window_steps"] == 3 and st["tree"] == st["trees"]["4"]
   assert len(split["affinity"]) == 2 and len(split["affinity"][0]) == 4  # (S, K, K) cosines
+  assert split["affinity"] == split["cosine"] and "lookahead" not in split
   assert ref["num_params"] == split["num_params"] > st["splits"][0]["num_params"]
   logged = [r["structure"] for r in _records(tmp_path / "ref") if "structure" in r]
   assert [r["step"] for r in logged] == [0, 4] and logged[-1]["tree"] == st["tree"]
@@ -82,16 +88,47 @@ def test_affinity_splits_and_resumes_across_the_split_exactly(tmp_path, monkeypa
   assert res["params_checksum"] == ref["params_checksum"]
 
 
+def test_lookahead_measuring_step_is_tags_affinity_and_chooses_the_tree():
+  """The trainer's measuring step with affinity='lookahead' (one compiled step, no fit): its
+  ``lookahead`` metric is TAG's Z at the step's parameters (the reference: stage_affinity on the
+  same batch and dropout key), the window keeps it across a checkpoint (JSON) and decide reads
+  its normalised mean."""
+  c = _syn(method="affinity", warmup_steps=4, window=3, affinity="lookahead")
+  p = train.build_program(c)
+  batch = next(p.loader)
+  params, bs, key = jax.device_get((p.state.params, p.state.batch_stats, p.state.rng))  # before
+  # the step donates them
+  _, m = p.measure_fn(p.state, train.shard_batch(batch, p.mesh))
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key), 0), 0)  # step 0,
+  # device 0: the step's dropout key
+  ref = A.stage_affinity(p.model, {"params": params, "batch_stats": bs}, p.bench.tasks, [batch],
+                         lookahead_lr=c.optimizer.learning_rate, rng=rng)
+  np.testing.assert_allclose(m["lookahead"], ref.lookahead, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(m["stage_gramians"], ref.gramian, rtol=1e-4, atol=1e-7)
+  w = dynamic.Window(0.0)
+  w.add(m["stage_gramians"], m["lookahead"])
+  w = dynamic.Window.from_json(json.loads(json.dumps(w.to_json())), 0.0)
+  rec = dynamic.decide(c.structure, w, p.tree, [1.0, 1.0], 4, ["a", "b", "c", "d"])
+  np.testing.assert_allclose(rec["lookahead"], m["lookahead"], rtol=1e-6)
+  np.testing.assert_allclose(rec["affinity"], A.normalised_lookahead(m["lookahead"]), rtol=1e-6)
+  assert rec["cosine"] != rec["affinity"] and rec["tree"] != [[[0, 1, 2, 3]]] * 2
+
+
 def test_conflict_restart_is_a_fixed_run_of_the_chosen_tree(tmp_path):
-  c = _syn(method="conflict", warmup_steps=3, window=3, top_k=1, restart=True)
+  """PCGrad needs a Gramian over shared parameters: with top_k = every stage (both conflict here)
+  the tree keeps stage 0 shared (a share-nothing tree crashed the Gramian step)."""
+  c = _syn(method="conflict", warmup_steps=3, window=3, top_k=2, restart=True)
   c.data.batch_norm = False
+  c.combiner.name = "pcgrad"
   out = train.fit(c, str(tmp_path / "recon"))
   tree = out["structure"]["tree"]
   assert out["step"] == 13 and out["structure"]["restart_step"] == 3
-  assert tree != out["structure"]["trees"]["0"]  # some stage became task-specific
-  assert tree[-1] == [[0], [1], [2], [3]]
+  rec = out["structure"]["splits"][-1]
+  assert rec["share"] and min(rec["conflict"]) > 0  # stage 0 would have been chosen
+  assert tree == [[[0, 1, 2, 3]], [[0], [1], [2], [3]]]
   f = _syn(method="fixed", tree=tuple(tuple(tuple(g) for g in s) for s in tree))
   f.data.batch_norm = False
+  f.combiner.name = "pcgrad"
   fixed = train.fit(f, str(tmp_path / "fixed"))
   assert fixed["params_checksum"] == out["params_checksum"]
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from mtl_jax import combiners, models, sharing, tasks as T, train
 from mtl_jax.analysis.affinity import partitions
 from mtl_jax.configs import synthetic
-from mtl_jax.structure import affinity as A, choose as C, ltb, surgery, tree as TR
+from mtl_jax.structure import affinity as A, choose as C, dynamic as DY, ltb, surgery, tree as TR
 
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
@@ -42,18 +42,20 @@ def test_budget_fraction_spans_hard_to_independent():
 
 @settings(max_examples=15, deadline=None)
 @given(k=st.integers(2, 4), s=st.integers(1, 3), seed=st.integers(0, 10**6),
-       budget=st.floats(0.0, 1.0))
-def test_exhaustive_finds_the_optimum_and_agglomerative_is_feasible(k, s, seed, budget):
+       budget=st.floats(0.0, 1.0), share=st.booleans())
+def test_exhaustive_finds_the_optimum_and_agglomerative_is_feasible(k, s, seed, budget, share):
+  """``share``: the tree must share a stage (a Gramian combiner's constraint), even at budget 1."""
   rng = np.random.default_rng(seed)
   aff = rng.uniform(-1, 1, (s, k, k))
   sp = rng.integers(1, 20, s).astype(float)
   budget = 1.0 / k + budget * (1.0 - 1.0 / k)
-  ok = [tr for tr in _brute_trees(k, s) if TR.budget_fraction(tr, sp) <= budget + 1e-12]
+  ok = [tr for tr in _brute_trees(k, s) if TR.budget_fraction(tr, sp) <= budget + 1e-12
+        and (not share or any(len(g) > 1 for g in tr[0]))]
   best = min(C.tree_cost(tr, aff) for tr in ok)
-  ex = C.choose_tree(aff, sp, budget, "exhaustive")
+  ex = C.choose_tree(aff, sp, budget, "exhaustive", share=share)
   assert ex.cost == pytest.approx(best, abs=1e-9)
   assert ex.fraction <= budget + 1e-12 and ex.tree in ok
-  ag = C.choose_tree(aff, sp, budget, "agglomerative")
+  ag = C.choose_tree(aff, sp, budget, "agglomerative", share=share)
   assert ag.fraction <= budget + 1e-12 and ag.tree in ok
   assert ag.cost >= best - 1e-9
 
@@ -78,6 +80,23 @@ def test_agglomerative_equals_exhaustive_on_block_affinity(k, s, seed, extra):
   assert ag.cost == pytest.approx(ex.cost)
   assert ag.tree[-1] == ex.tree[-1] == tuple(sorted(
       tuple(np.flatnonzero(labels == b).tolist()) for b in set(labels.tolist())))
+
+
+def test_gramian_combiners_never_get_a_share_nothing_tree():
+  """Budget 1 picks the independent networks (cost 0) unless ``share``; Recon's top-k never takes
+  stage 0 under ``share`` (nor a stage without conflict)."""
+  aff = np.random.default_rng(1).uniform(-1, 1, (3, 4, 4))
+  assert C.choose_tree(aff, [1, 1, 1], 1.0).tree == TR.independent_tree(4, 3)
+  for method in ("exhaustive", "agglomerative"):
+    tr = C.choose_tree(aff, [1, 1, 1], 1.0, method, share=True).tree
+    assert TR.shares(tr, [1, 1, 1]) and tr[-1] == TR.independent_tree(4, 1)[0]
+  hard = TR.hard_tree(4, 3)
+  assert DY.conflict_tree([0.5, 0.2, 0.0], 1, hard) == TR.independent_tree(4, 3)
+  assert DY.conflict_tree([0.5, 0.2, 0.0], 1, hard, share=True) == hard[:1] + TR.independent_tree(
+      4, 2)
+  assert DY.conflict_tree([0.5, 0.0, 0.3], 2, hard, share=True) == hard[:2] + TR.independent_tree(
+      4, 1)  # stage 1 has no conflict: only stage 2 is a candidate
+  assert DY.conflict_tree([0.5, 0.2], 1, hard[:2], True, [0, 5]) == hard[:2]  # stage 0: no params
 
 
 def test_choose_tree_bad_input_is_one_line():
@@ -257,15 +276,27 @@ def test_affinity_and_choose_tree_recover_the_planted_split(planted_setup):
       return optax.apply_updates(p, u), o
     return jax.lax.fori_loop(0, 300, body, (p, tx.init(p)))[0]
 
-  aff = A.stage_affinity(m, {"params": warm_up(v["params"])}, tasks, [batch])
+  warm = {"params": warm_up(v["params"])}
+  aff = A.stage_affinity(m, warm, tasks, [batch], lookahead_lr=0.1)
   cos = aff.cosine
   assert cos.shape == (2, 4, 4) and aff.steps == 1
   assert cos[1, 0, 1] > 0.5 and cos[1, 2, 3] > 0.5 and cos[1, 0, 2] < -0.5
+  # TAG's lookahead: a step for t0 at the bottleneck lowers t1's loss and raises t2's.
+  z = aff.lookahead
+  assert z.shape == (2, 4, 4) and z[1, 0, 1] > 0 and z[1, 0, 2] < 0 and z[1, 2, 3] > 0
+  tag = A.normalised_lookahead(z)
+  # First order: Z_{i->j} = lr g_i.g_j / L_j + O(lr^2) (the same compiled program: lr is traced).
+  small = A.stage_affinity(m, warm, tasks, [batch], lookahead_lr=1e-4)
+  losses = np.asarray(loss_fn(warm["params"], {}, batch, jax.random.key(0))[0])
+  np.testing.assert_allclose(small.lookahead, 1e-4 * small.gramian / losses, rtol=0.02,
+                             atol=0.02 * 1e-4 * np.abs(small.gramian / losses).max())
+  np.testing.assert_allclose(np.diagonal(tag, axis1=1, axis2=2), 1.0)
   sp = C.stage_param_counts(b)
   assert sp == [6 * 8 + 8, 8 + 1]
   one_split = (sp[0] + 2 * sp[1]) / (4 * sum(sp))  # room for two copies of the last stage only
   for method in ("exhaustive", "agglomerative"):
     assert C.choose_tree(cos, sp, one_split, method).tree == PLANTED
+    assert C.choose_tree(tag, sp, one_split, method).tree == PLANTED
   # With room for two copies of every stage, the first stage splits along the clusters too.
   assert C.choose_tree(cos, sp, 0.5).tree[0] == ((0, 1), (2, 3))
 

@@ -119,7 +119,8 @@ def tree_picture(recs: Sequence[Mapping], tasks: Sequence[str], path: str,
 
 def stage_heatmaps(affinity, tasks: Sequence[str], path: str, conflict=None,
                    title: str = "Per-stage gradient cosine that chose the split") -> str:
-  """``affinity[s]``: the K x K mean cosine of stage s's shared parameters over the window."""
+  """``affinity[s]``: the K x K mean affinity (cosine, or TAG's normalised lookahead) of stage s's
+  shared parameters over the window."""
   aff = np.asarray(affinity, np.float64)
   n, k = aff.shape[0], len(tasks)
   side = max(3.4, 1.0 + 0.55 * k)
@@ -130,7 +131,7 @@ def stage_heatmaps(affinity, tasks: Sequence[str], path: str, conflict=None,
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
     ax.set_xticklabels(tasks, rotation=45, ha="right", fontsize=9)
-    ax.set_yticklabels(tasks, fontsize=9)
+    ax.set_yticklabels(tasks if s == 0 else [], fontsize=9)  # the rows' names once, at the left
     if k <= 8:
       for i in range(k):
         for j in range(k):
@@ -140,7 +141,7 @@ def stage_heatmaps(affinity, tasks: Sequence[str], path: str, conflict=None,
     if conflict is not None:
       sub += f" (conflict score {float(conflict[s]):.2f})"
     ax.set_title(sub, fontsize=9)
-  fig.colorbar(im, ax=list(axes[0]), label="mean cosine over the window", shrink=0.85)
+  fig.colorbar(im, ax=list(axes[0]), label="mean affinity over the window", shrink=0.85)
   fig.suptitle(title, fontsize=10)
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
@@ -175,11 +176,11 @@ def pareto_scatter(points: Mapping[str, tuple[float, float, float]], path: str,
     on = m in front
     ax.errorbar(p, d, yerr=sd, fmt="o", ms=8 if on else 6, capsize=3, color=colours[comb],
                 mec="#d62728" if on else colours[comb], mew=2 if on else 1)
-  _label_points(ax, points, front)
   for c in combs:
     ax.plot([], [], "o", color=colours[c], label=c)
   ax.axhline(0.0, color="black", lw=0.6)
   ax.margins(x=0.15, y=0.1)
+  _label_points(ax, points, front)
   ax.set_xlabel("parameters")
   ax.set_ylabel("Δm% vs single-task (lower is better)")
   ax.set_title(title, fontsize=10)
@@ -189,13 +190,35 @@ def pareto_scatter(points: Mapping[str, tuple[float, float, float]], path: str,
 
 
 def _label_points(ax, points, front) -> None:
-  """Each point's strategy next to it, nudged apart from points at the same parameter count."""
-  by_x: dict = {}
-  for m, (p, d, _) in sorted(points.items(), key=lambda kv: kv[1][1]):
-    by_x.setdefault(round(float(p), -1), []).append(m)
-  for ms in by_x.values():
-    for i, m in enumerate(ms):
-      p, d, _ = points[m]
-      ax.annotate(m.partition("/")[2] or "hard", (p, d), xytext=(7, -10 + 12 * (i % 3)),
-                  textcoords="offset points", fontsize=8,
-                  fontweight="bold" if m in front else "normal")
+  """Each point's strategy to its right. Points less than 40 pt apart horizontally form a column
+  whose labels stand right of its rightmost point, stacked bottom-up at least a line apart, each
+  joined to its point by a thin line when it had to move; methods at the very same point share
+  one label (``affinity, conflict``)."""
+  ax.autoscale_view()  # the final limits: label positions are placed in display space
+  to_pt = 72.0 / ax.figure.dpi
+  at = lambda m: ax.transData.transform(points[m][:2]) * to_pt
+  columns: list = []
+  for m in sorted(points, key=lambda m: at(m)[0]):
+    if columns and at(m)[0] - at(columns[-1][-1])[0] < 40.0:
+      columns[-1].append(m)
+    else:
+      columns.append([m])
+  for col in columns:
+    groups: list = []
+    for m in sorted(col, key=lambda m: (points[m][1], m)):
+      if groups and points[groups[-1][0]][:2] == points[m][:2]:
+        groups[-1].append(m)
+      else:
+        groups.append([m])
+    right = max(at(m)[0] for m in col)
+    last = None
+    for ms in groups:
+      x, y = at(ms[0])
+      ty = y - 11.0 if last is None else max(y - 11.0, last + 10.0)
+      last = ty
+      moved = len(col) > 1 and (abs(ty - (y - 11.0)) > 1.0 or right - x > 1.0)
+      ax.annotate(", ".join(m.partition("/")[2] or "hard" for m in ms), points[ms[0]][:2],
+                  xytext=(right - x + 7.0, ty - y), textcoords="offset points", fontsize=8,
+                  fontweight="bold" if any(m in front for m in ms) else "normal",
+                  arrowprops=dict(arrowstyle="-", lw=0.5, color="0.55", shrinkA=0, shrinkB=4)
+                  if moved else None)

@@ -536,6 +536,12 @@ def _structure_section(doc: _Doc, s: _Study, m: _Mix) -> None:
   _structure_pictures(doc, m)
 
 
+def _affinity_kind(rec) -> str:
+  """What a split record's ``affinity`` holds: TAG's normalised lookahead or the gradient cosine."""
+  return "TAG lookahead (Z_ij / sqrt(Z_ii Z_jj))" if "lookahead" in rec and rec.get(
+      "method") == "affinity" and rec.get("affinity") != rec.get("cosine") else "gradient cosine"
+
+
 def _structure_table(doc: _Doc, s: _Study, m: _Mix) -> None:
   rows, num = [], {}
   for name, d in m.rows.items():
@@ -583,7 +589,7 @@ def _structure_pictures(doc: _Doc, m: _Mix) -> None:
         doc.image(structure_lib.stage_heatmaps(
             rec["affinity"], list(r.tasks), doc.plot(f"affinity_{tag}_step{int(rec['step'])}"),
             conflict=rec.get("conflict"),
-            title=f"{name}, seed {r.seed}: per-stage gradient cosine over the "
+            title=f"{name}, seed {r.seed}: per-stage {_affinity_kind(rec)} over the "
             f"{rec.get('window_steps', '?')} steps before step {int(rec['step'])} "
             f"({rec['method']}: {'split' if rec.get('split') else 'kept'})"),
             f"affinity {name} seed {r.seed} step {int(rec['step'])}")

@@ -14,11 +14,32 @@ VJP per task, vmapped) on the trainer's loss function (:func:`mtl_jax.train.make
 a measurement pass of its own; the engine's per-layer Gramians of a training step can replace it
 where the step already computes them (the whole-model Gramian is the sum of the stage Gramians
 plus the heads' zero cross terms).
+
+TAG's lookahead affinity per stage (Fifty, Amid, Zhao, Yu, Anil, Finn, "Efficiently Identifying
+Task Groupings for Multi-Task Learning", NeurIPS 2021, Eq. 3; official code
+github.com/google-research/google-research ``tag/celeba/CelebA.ipynb``, ``train_step``): task
+``i``'s gradient alone steps the shared parameters, ``theta_{s|i} = theta_s - lr g_i``, and
+
+  ``Z_{i->j} = 1 - L_j(theta_{s|i}) / L_j(theta_s)``
+
+(> 0: a step for ``i`` lowers ``j``'s loss), on the same batch, the heads unchanged. Here per
+stage: :func:`lookahead_losses` steps only stage ``s``'s shared parameters (one lookahead per task
+and stage, vmapped over the K tasks), :func:`lookahead_affinity` forms ``Z`` (S, K, K),
+``Z[s, i, j] = Z_{i->j}`` at stage ``s``, averaged over a window like the cosine. Deviations from
+the official code: (1) its lookahead is the optimizer's own step (SGD with momentum 0.9: the
+momentum term is added); here a plain SGD step ``lr g_i`` at the optimizer's base learning rate
+(times the plateau scale) whatever the optimizer (under Adam as under SGD; schedules' warm-up and
+decay are not applied); (2) it divides ``Z`` by the learning rate (a per-run constant); for
+:func:`mtl_jax.structure.choose.choose_tree`, whose cost ``1 - A`` assumes a task's affinity with
+itself is 1 (the cosine's scale), :func:`normalised_lookahead` divides the window mean
+``Z_{i->j}`` by ``sqrt(Z_{i->i} Z_{j->j})`` (the tasks' gains from their own steps) and clips to
+[-1, 1].
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple, Sequence
+import functools
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +54,7 @@ class StageAffinity(NamedTuple):
   gramian: np.ndarray  # (S, K, K), mean over the window
   conflict: np.ndarray  # (S,), mean fraction of task pairs with a negative cosine
   steps: int
+  lookahead: Optional[np.ndarray] = None  # (S, K, K) TAG's Z, mean over the window (lookahead_lr)
 
 
 def stage_gramians(jac, num_stages: int) -> jax.Array:
@@ -45,6 +67,49 @@ def stage_gramians(jac, num_stages: int) -> jax.Array:
                        f"model's stage parameters live under stage_<s>)")
     out.append(gramian_of(sub, jax.tree.map(lambda _: True, sub)))
   return jnp.stack(out)
+
+
+def lookahead_losses(loss_fn, params, batch_stats, batch, rng, lr, num_stages: int, mask=None,
+                     mean=None):
+  """``(losses (K,), after (S, K, K))``: ``after[s, i, j]`` is task ``j``'s loss on ``batch``
+  after one SGD step of rate ``lr`` on stage ``s``'s shared parameters (``mask``: the shared
+  leaves; None: all of the stage) along task ``i``'s gradient alone. ``mean``: averages per-device
+  quantities (``pmean`` under shard_map: the gradient and the losses of the global batch)."""
+  mean = mean if mean is not None else (lambda t: t)
+  losses, jac, _ = autodiff.task_jacobian(loss_fn, params, batch_stats, batch, rng)
+  losses = mean(losses)
+  mask = mask if mask is not None else jax.tree.map(lambda _: True, params)
+
+  def after_stage(s):
+    name = f"stage_{s}"
+    g = mean(jac[name])  # (K, ...) leaves
+
+    def stepped(i):
+      new = jax.tree.map(lambda p, gi, m: p - lr * gi[i].astype(p.dtype) if m else p,
+                         params[name], g, mask[name])
+      return loss_fn({**params, name: new}, batch_stats, batch, rng)[0]
+
+    return mean(jax.vmap(stepped)(jnp.arange(losses.shape[0])))
+
+  return losses, jnp.stack([after_stage(s) for s in range(num_stages)])
+
+
+def lookahead_affinity(losses, after) -> jax.Array:
+  """TAG's ``Z[s, i, j] = 1 - after[s, i, j] / losses[j]`` (0 where ``losses[j]`` is 0)."""
+  safe = jnp.where(losses != 0, losses, 1.0)
+  return jnp.where(losses != 0, 1.0 - after / safe, 0.0)
+
+
+def normalised_lookahead(z) -> np.ndarray:
+  """``Z_{i->j} / sqrt(Z_{i->i} Z_{j->j})`` clipped to [-1, 1] (0 where a task's own step did not
+  lower its loss, ``Z_{k->k} <= 0``, e.g. at a stage it does not share): the cosine's scale, 1 on
+  the diagonal. To first order in the rate it is ``cos_ij sqrt(L_i / L_j)``; what the lookahead
+  adds to the cosine is that loss ratio and the curvature (the higher-order terms)."""
+  z = np.asarray(z, np.float64)
+  self_gain = np.diagonal(z, axis1=-2, axis2=-1)
+  ok = (self_gain[..., :, None] > 0) & (self_gain[..., None, :] > 0)
+  denom = np.sqrt(np.where(ok, self_gain[..., :, None] * self_gain[..., None, :], 1.0))
+  return np.where(ok, np.clip(z / denom, -1.0, 1.0), 0.0)
 
 
 def cosine(gram: jax.Array) -> jax.Array:
@@ -64,10 +129,14 @@ def conflict_rate(cos: jax.Array) -> jax.Array:
 
 
 def stage_affinity(model, variables, tasks: Sequence, batches: Iterable[Any], *,
-                   multi_input: bool = False, seed: int = 0) -> StageAffinity:
+                   multi_input: bool = False, seed: int = 0,
+                   lookahead_lr: float = 0.0, rng=None) -> StageAffinity:
   """Mean per-stage Gramian, cosine and conflict rate of ``model`` at ``variables`` over
   ``batches`` (the trainer's batches: ``{'inputs', 'targets'}``, or ``{task: batch}`` when
-  ``multi_input``). Parameters are not updated; batch norm runs in train mode."""
+  ``multi_input``). Parameters are not updated; batch norm runs in train mode.
+  ``lookahead_lr > 0``: also TAG's lookahead affinity ``Z`` per stage at that rate (every stage
+  parameter stepped: a hard model's). ``rng``: the dropout key of every batch (default: the key
+  ``seed + i`` for batch ``i``)."""
   from mtl_jax import train  # pylint: disable=g-import-not-at-top
   tasks = list(tasks)
   params = variables["params"]
@@ -76,20 +145,25 @@ def stage_affinity(model, variables, tasks: Sequence, batches: Iterable[Any], *,
   loss_fn = train.make_loss_fn(model, tasks, multi_input, constants)
   num_stages = sum(1 for n in params if n.startswith("stage_"))
 
-  @jax.jit
-  def measure(batch, rng):
+  @functools.partial(jax.jit, static_argnums=2)
+  def measure(batch, rng, tag: bool, lr):
     _, jac, _ = autodiff.task_jacobian(loss_fn, params, bs, batch, rng)
     gram = stage_gramians(jac, num_stages)
     cos = cosine(gram)
-    return gram, cos, conflict_rate(cos)
+    out = (gram, cos, conflict_rate(cos))
+    if tag:
+      out += (lookahead_affinity(*lookahead_losses(loss_fn, params, bs, batch, rng, lr,
+                                                   num_stages)),)
+    return out
 
   acc, n = None, 0
   for i, batch in enumerate(batches):
-    out = jax.device_get(measure(batch, jax.random.key(seed + i)))
+    key = rng if rng is not None else jax.random.key(seed + i)
+    out = jax.device_get(measure(batch, key, lookahead_lr > 0, jnp.float32(lookahead_lr)))
     out = [np.asarray(x, np.float64) for x in out]
     acc = out if acc is None else [a + b for a, b in zip(acc, out)]
     n += 1
   if not n:
     raise ValueError("stage_affinity over an empty window: no batch")
-  gram, cos, conf = (a / n for a in acc)
-  return StageAffinity(cos, gram, conf, n)
+  gram, cos, conf, *z = (a / n for a in acc)
+  return StageAffinity(cos, gram, conf, n, z[0] if z else None)

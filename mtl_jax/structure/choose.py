@@ -21,6 +21,12 @@ the trees whose parameter count fits the budget, the one with the lowest cost is
 
 Ties (equal cost) go to the tree with fewer parameters, then to the first canonical tree.
 
+``share=True`` (the trainer sets it for a combiner that needs a Gramian: Nash-MTL, MGDA, PCGrad,
+...) adds a constraint: the tree must share at least one stage's copy between two tasks (the
+independent networks, cost 0 and always the cheapest in cost, are excluded even at ``budget=1``):
+such a combiner's Gramian is over the shared parameters, and a tree that shares none leaves it
+nothing to weigh.
+
 Deviations from Vandenhende et al.: (1) their cluster cost averages the tasks' maximum distance
 within a cluster and sums over clusters; here the tasks' maxima are summed (a cluster weighs by
 its size), so that merging never lowers the cost and a stage's cost does not depend on how many
@@ -90,7 +96,7 @@ def _refines(tr, within) -> bool:
   return within is None or all(T.parents_of(w, p) is not None for w, p in zip(within, tr))
 
 
-def _exhaustive(d, stage_params, budget, within=None):
+def _exhaustive(d, stage_params, budget, within=None, share=False):
   k, s = d.shape[1], d.shape[0]
   memo = {}
 
@@ -103,7 +109,8 @@ def _exhaustive(d, stage_params, budget, within=None):
   best = None
   for tr in T.all_trees(k, s):
     frac = T.budget_fraction(tr, stage_params)
-    if frac > budget + 1e-12 or not _refines(tr, within):
+    if frac > budget + 1e-12 or not _refines(tr, within) or (
+        share and not T.shares(tr, stage_params)):
       continue
     c = sum(cost_of(i, g) for i, p in enumerate(tr) for g in p)
     if best is None or c < best[0] - 1e-12 or (abs(c - best[0]) <= 1e-12 and frac < best[1] - 1e-12):
@@ -125,7 +132,7 @@ def _merge(tr, s, a, b):
   return tuple(out)
 
 
-def _agglomerative(d, stage_params, budget, within=None):
+def _agglomerative(d, stage_params, budget, within=None, share=False):
   k, s = d.shape[1], d.shape[0]
   tr = T.independent_tree(k, s)
   memo = {}
@@ -135,7 +142,8 @@ def _agglomerative(d, stage_params, budget, within=None):
       memo[(stage, g)] = _group_cost(d[stage], list(g))
     return memo[(stage, g)]
 
-  while T.budget_fraction(tr, stage_params) > budget + 1e-12:
+  while T.budget_fraction(tr, stage_params) > budget + 1e-12 or (
+      share and not T.shares(tr, stage_params)):
     par = T.parents(tr)
     best = None
     for stage in range(s):
@@ -162,7 +170,7 @@ def _agglomerative(d, stage_params, budget, within=None):
 
 
 def choose_tree(affinity, stage_params: Sequence[float], budget: float,
-                method: str = "auto", within=None) -> Choice:
+                method: str = "auto", within=None, share: bool = False) -> Choice:
   """The tree with the lowest clustering cost whose stage parameters are at most ``budget`` (a
   fraction of the independent networks': 1/K = hard sharing, 1 = independent).
 
@@ -176,6 +184,8 @@ def choose_tree(affinity, stage_params: Sequence[float], budget: float,
     within: a canonical tree the result must refine (a running branched model's current tree:
       a split can only separate tasks). When even ``within`` exceeds the budget, ``within`` is
       returned (nothing to split).
+    share: the tree must share a stage's copy between two tasks or more (a combiner that needs a
+      Gramian over shared parameters); the independent networks are never returned.
   """
   if method not in METHODS:
     raise ValueError(f"unknown choose_tree method {method!r}; valid: {', '.join(METHODS)}")
@@ -189,7 +199,11 @@ def choose_tree(affinity, stage_params: Sequence[float], budget: float,
     within = T.canonical(within, list(range(d.shape[1])), d.shape[0])
     if T.budget_fraction(within, sp) >= float(budget) - 1e-12:
       return Choice(within, tree_cost(within, affinity), T.budget_fraction(within, sp), method)
-  cost, frac, tr = fn(d, sp, float(budget), within)
+  best = fn(d, sp, float(budget), within, share)
+  if best is None or (share and not T.shares(best[2], sp)):
+    raise ValueError("choose_tree: no tree fits the budget and shares a stage's parameters "
+                     "(share=True): raise the budget or use share=False")
+  cost, frac, tr = best
   return Choice(tr, float(cost), float(frac), method)
 
 

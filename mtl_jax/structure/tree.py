@@ -130,6 +130,12 @@ def budget_fraction(tree: Tree, stage_params: Sequence[float]) -> float:
   return cost(tree, stage_params) / (k * float(sum(stage_params)))
 
 
+def shares(tree: Tree, stage_params: Sequence[float]) -> bool:
+  """Whether some stage with parameters has a copy shared by two tasks or more (the parameters a
+  Gramian combiner's Gramian is over: a branched model's shared mask)."""
+  return any(float(n) > 0 and any(len(g) > 1 for g in p) for p, n in zip(tree, stage_params))
+
+
 def to_list(tree: Tree) -> list:
   """Plain lists of ints (for JSON and configs)."""
   return [[list(g) for g in p] for p in tree]
