@@ -6,6 +6,8 @@ Protocol: MTAN (SegNet with task attention, ``sharing='mtan'``) at 288×384, Ada
 mIoU / pixel accuracy, depth abs / rel error, normal angle mean / median / within 11.25, 22.5, 30°;
 Δm% against the CAGrad single-task baseline.
 
+Checked against Nash-MTL's ``experiments/nyuv2/trainer.py`` (Adam 1e-4, ``StepLR(100, 0.5)``,
+200 epochs, batch 2, ``--apply-augmentation`` default on, MTAN) and CAGrad's ``nyuv2/run.sh``.
 Deviations from the official trainers (Nash-MTL ``experiments/nyuv2/trainer.py``, CAGrad): the
 papers report the test metrics averaged over the last epochs (the val split, which is also the
 ``test`` split here); selection here is the best validation Δm% epoch (``train.select``).

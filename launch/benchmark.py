@@ -41,6 +41,10 @@ LeNet by default), the jacobian-mode step against the same step with the per-sta
 measuring step of ``structure.method='affinity'``; bound <= 1.10) and with TAG's lookahead affinity
 too (no bound), interleaved rounds, ratios.
 
+``solves``: the solve-time section of ``step`` alone, in a minute: Nash-MTL's solve vs K and every
+Gramian weighting at K=40 on full-rank and on singular (rank K/2) Gramians with diagonals over
+1e0..1e8, with issue 16's 5 ms bounds (applied at ``--solve_k=40`` only).
+
 ``params``: the parameter count of every sharing strategy for a backbone and K tasks (one-unit
 binary heads, as CelebA's), its ratio to K single-task models, and a JSON file
 ``{strategy: count, ..., "single_task": count of one single-task model}``. Counts come from
@@ -446,6 +450,7 @@ BOUNDS = {
     "nash_solve_ms_k40": 2.5,
     "nash_kkt_residual": 1e-3,
     "gramian_solve_ms_k40": 5.0,  # issue 16: every Gramian weighting on ill-conditioned K=40
+    "gramian_solve_singular_ms_k40": 5.0,  # the same on singular ones (rank K/2, diag 1e0..1e8)
     "gramian_mode_memory": 1.5,  # gramian-mode peak / LS peak
     "features_mode_time": 1.5,  # features-mode step / LS step
     "nash_exact_step": 1.05,  # Nash-MTL (jacobian mode) / Jacobian-only
@@ -838,6 +843,7 @@ class _Timing:
     self.rows = []
     self.gramian_ms = self.combine_ms = float("nan")
     self.weigh, self.nash_every, self.solve, self.gramian_solve = {}, {}, {}, {}
+    self.gramian_solve_singular = {}
     self.scaling_k, self.scaling_devices = {}, {}
 
   @property
@@ -887,6 +893,8 @@ def _measure(args, setup, names, rng, progs, cache_dir, compile_report, compile_
   t.phase("update_weights_every")
   t.solve = nash_module.nash_solve_timing(_csv(args.nash_ks, int), repeats=args.nash_repeats)
   t.gramian_solve = nash_module.gramian_solve_timing(names, k=args.solve_k)
+  t.gramian_solve_singular = nash_module.gramian_solve_timing(names, k=args.solve_k,
+                                                              rank=_singular_rank(args.solve_k))
   t.phase("Nash-MTL solve")
   _time_scaling(t)
   t.phase("scaling")
@@ -1023,6 +1031,34 @@ def _time_scaling(t: _Timing) -> None:
     t.scaling_devices[str(nd)] = _device_subprocess(nd, args, t.cache_dir)
 
 
+def _singular_rank(k: int) -> int:
+  """Rank of the singular solve row's Gramians: K/2 (the slowest rank for the dual-cone
+  projection of UPGrad / DualProj measured over K/8..K-1 at K=40)."""
+  return max(1, int(k) // 2)
+
+
+def _gramian_solve_checks(checks, k, full, singular):
+  """Issue 16's solve bound on every Gramian weighting, full-rank and singular (sized: at K=40)."""
+  for c, ms in full.items():
+    _check(checks, f"{c}: weighting at K={k}, ill-conditioned Gramian (ms)", ms,
+           BOUNDS["gramian_solve_ms_k40"])
+  for c, ms in singular.items():
+    _check(checks, f"{c}: weighting at K={k}, singular Gramian, rank {_singular_rank(k)} (ms)",
+           ms, BOUNDS["gramian_solve_singular_ms_k40"])
+
+
+def _gramian_solve_report(k, full, singular) -> dict:
+  return {"k": k, "ms": full, "singular_rank": _singular_rank(k), "singular_ms": singular}
+
+
+def _gramian_solve_lines(gs) -> list:
+  order = lambda d: sorted(d.items(), key=lambda kv: -kv[1])
+  return [f"Gramian weightings at K={gs['k']}, diagonal 1e0..1e8 (ms): "
+          + ", ".join(f"{c} {v:.2f}" for c, v in order(gs["ms"])),
+          f"Gramian weightings at K={gs['k']}, singular (rank {gs['singular_rank']}), diagonal "
+          "1e0..1e8 (ms): " + ", ".join(f"{c} {v:.2f}" for c, v in order(gs["singular_ms"]))]
+
+
 def _step_checks(t: _Timing) -> list:
   """Issue 7's bounds (and issue 16's solve bound), each with its measured value."""
   checks, ref_s, jac_s, ls_s = [], t.ref_s, t.jac_s, t.ls_s
@@ -1040,9 +1076,7 @@ def _step_checks(t: _Timing) -> list:
            sized=False)
     _check(checks, "Nash-MTL solve K=40 relative KKT residual", s40["kkt_residual"],
            BOUNDS["nash_kkt_residual"], sized=False)
-  for c, ms in t.gramian_solve.items():
-    _check(checks, f"{c}: weighting at K={t.args.solve_k}, ill-conditioned Gramian (ms)", ms,
-           BOUNDS["gramian_solve_ms_k40"])
+  _gramian_solve_checks(checks, t.args.solve_k, t.gramian_solve, t.gramian_solve_singular)
   gram_rows = [r for r in t.rows if r["mode"] == "gramian"]
   if gram_rows:
     worst = max(r["peak_mem_mb"] for r in gram_rows)
@@ -1096,7 +1130,8 @@ def _step_report(t: _Timing, checks, bounds_applied, compile_report, compile_s, 
       "weigh_ms": t.weigh,
       "nash_solve_ms": {str(kk): v["median_ms"] for kk, v in t.solve.items()},
       "nash_solve": {str(kk): v for kk, v in t.solve.items()},
-      "gramian_solve_ms": {"k": args.solve_k, "ms": t.gramian_solve},
+      "gramian_solve_ms": _gramian_solve_report(args.solve_k, t.gramian_solve,
+                                                t.gramian_solve_singular),
       "nash_update_weights_every": t.nash_every,
       "scaling_k": t.scaling_k,
       "scaling_devices": t.scaling_devices,
@@ -1242,9 +1277,7 @@ def format_step_report(report: dict) -> str:
                  f"{r['ratio_to_jacobian']:8.3f}{r['peak_mem_mb']:10.0f}{w}")
   lines.append("Nash-MTL solve (ms): " + ", ".join(
       f"K={kk}: {v:.2f}" for kk, v in report["nash_solve_ms"].items()))
-  gs = report["gramian_solve_ms"]
-  lines.append(f"Gramian weightings at K={gs['k']}, diagonal 1e0..1e8 (ms): " + ", ".join(
-      f"{c} {v:.2f}" for c, v in sorted(gs["ms"].items(), key=lambda kv: -kv[1])))
+  lines.extend(_gramian_solve_lines(report["gramian_solve_ms"]))
   for mode, e in report["nash_update_weights_every"].items():
     lines.append(f"Nash-MTL update_weights_every={e['n']} ({mode}): mean {e['mean_step_s']:.3f} s/step"
                  f" (fresh {e['fresh_step_s']:.3f} s, reuse {e['reuse_step_s']:.3f} s)")
@@ -1264,6 +1297,53 @@ def format_step_report(report: dict) -> str:
                f"worker processes, {c['cache_hits']} loaded from the cache), total "
                f"{report['total_s']:.0f} s")
   return "\n".join(lines)
+
+
+def _solves_args(p: argparse.ArgumentParser):
+  p.add_argument("--out", default="", help="write the JSON report here")
+  p.add_argument("--combiners", default="", help="comma-separated (default: every Gramian one)")
+  p.add_argument("--solve_k", type=int, default=40,
+                 help="K of the Gramian weightings' rows (the 5 ms bounds apply at 40 only)")
+  p.add_argument("--repeats", type=int, default=10, help="Gramians per row (median reported)")
+  p.add_argument("--nash_ks", default="2,4,8,16,32,40,64")
+  p.add_argument("--nash_repeats", type=int, default=20)
+
+
+@subcommand("solves", _solves_args)
+def run_solves(args) -> dict:
+  """The step benchmark's solve-time section alone (no model, no compile workers): Nash-MTL's
+  solve vs K, every Gramian weighting at K=``solve_k`` on full-rank and singular (rank K/2)
+  Gramians with diagonals over 1e0..1e8, and issue 16's bounds."""
+  from bench import solves  # pylint: disable=g-import-not-at-top
+  load_before, t0 = os.getloadavg(), time.perf_counter()
+  names, k = _csv(args.combiners), int(args.solve_k)
+  nash = solves.nash_solve_timing(_csv(args.nash_ks, int), repeats=args.nash_repeats)
+  full = solves.gramian_solve_timing(names, k=k, repeats=args.repeats)
+  singular = solves.gramian_solve_timing(names, k=k, repeats=args.repeats,
+                                         rank=_singular_rank(k))
+  checks = []
+  if 40 in nash:
+    _check(checks, "Nash-MTL solve at K=40 (ms)", nash[40]["median_ms"],
+           BOUNDS["nash_solve_ms_k40"], sized=False)
+  _gramian_solve_checks(checks, k, full, singular)
+  for c in checks:
+    if c["sized"] and k != BOUND_SIZES["solve_k"]:
+      c["ok"] = None
+  report = {"machine": dict(_machine(), load_before=load_before, load_after=os.getloadavg()),
+            "nash_solve": {str(kk): v for kk, v in nash.items()},
+            "gramian_solve_ms": _gramian_solve_report(k, full, singular), "checks": checks,
+            "total_s": time.perf_counter() - t0}
+  lines = ["Nash-MTL solve (ms): " + ", ".join(
+      f"K={kk}: {v['median_ms']:.2f}" for kk, v in nash.items())]
+  lines += _gramian_solve_lines(report["gramian_solve_ms"])
+  lines += ["checks:"] + [_format_check(c) for c in checks]
+  lines.append(f"load {load_before[0]:.1f} -> {report['machine']['load_after'][0]:.1f}, "
+               f"{report['total_s']:.0f} s")
+  print("\n".join(lines))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+  return report
 
 
 @subcommand("step", _step_args)

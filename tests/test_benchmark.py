@@ -89,6 +89,8 @@ def test_step_benchmark_rows_schema_nash_scaling_and_checks(tmp_path):
   assert set(report["scaling_k"]) == {"2", "3"}
   assert report["gramian_solve_ms"]["k"] == 3
   assert set(report["gramian_solve_ms"]["ms"]) == {"nash_mtl"}  # the one Gramian weighting run
+  assert set(report["gramian_solve_ms"]["singular_ms"]) == {"nash_mtl"}
+  assert report["gramian_solve_ms"]["singular_rank"] == 1
   assert set(report["scaling_devices"]) == {"1"}
   assert set(report["nash_update_weights_every"]) == {"jacobian"}  # --every_modes default
   names = [c["name"] for c in report["checks"]]
@@ -264,6 +266,22 @@ def test_ill_conditioned_gramian_spans_the_stated_diagonal():
   g = np.asarray(solves.ill_conditioned_gramian(jax.random.key(0), 6, spread=1e8), np.float64)
   np.testing.assert_allclose(np.sort(np.diag(g)), 1e8 ** np.linspace(0, 1, 6), rtol=1e-4)
   assert np.all(np.linalg.eigvalsh(g) > -1e-3 * np.max(np.diag(g)))  # a Gramian: PSD
+
+
+def test_singular_gramian_has_the_stated_rank_and_diagonal():
+  g = np.asarray(solves.singular_gramian(jax.random.key(0), 6, 3, spread=1e8), np.float64)
+  np.testing.assert_allclose(np.sort(np.diag(g)), 1e8 ** np.linspace(0, 1, 6), rtol=1e-4)
+  assert np.linalg.matrix_rank(g / np.sqrt(np.outer(np.diag(g), np.diag(g))), tol=1e-4) == 3
+
+
+def test_solves_subcommand_schema(tmp_path):
+  """`benchmark.py solves` at K=3 (seconds): both Gramian rows, the bounds withheld off K=40."""
+  out = tmp_path / "solves.json"
+  report = _launcher().main(["solves", f"--out={out}", "--solve_k=3", "--repeats=2",
+                             "--nash_ks=", "--combiners=mgda,ls"])
+  gs = json.loads(out.read_text())["gramian_solve_ms"]
+  assert set(gs["ms"]) == set(gs["singular_ms"]) == {"mgda"} and gs["singular_rank"] == 1
+  assert all(c["ok"] is None for c in report["checks"])  # all sized (K=40 only)
 
 
 def test_gramian_solve_timing_covers_every_gramian_weighting():

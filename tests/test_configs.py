@@ -43,10 +43,13 @@ def test_protocol_values():
   assert (n.optimizer.learning_rate, n.train.batch_size, n.optimizer.schedule) == (1e-4, 2, "step")
   assert _load("stl_celeba").get_config("").model.sharing == "independent"
   assert (c.data.image_size, c.train.select) == (64, "mean_main")
-  # NYUv2 and Cityscapes: the CAGrad / Nash-MTL trainers (MTAN, Adam 1e-4, StepLR(100, 0.5) over
-  # 200 epochs; MTAN's scale-crop + flip on NYUv2 only), selection by validation Delta_m (the
-  # docstrings' deviation: the papers average the last epochs)
-  for name, batch, augment in (("nash_nyuv2", 2, True), ("nash_cityscapes", 8, False)):
+  assert (c.optimizer.name, c.optimizer.schedule, c.data.get("augment", False)) == (
+      "adam", "constant", False)
+  # NYUv2 and Cityscapes: the CAGrad / Nash-MTL / FAMO trainers (MTAN, Adam 1e-4, StepLR(100, 0.5)
+  # over 200 epochs; MTAN's scale-crop + flip on both: CAGrad's run.sh passes
+  # --apply_augmentation), selection by validation Delta_m (the docstrings' deviation: the papers
+  # average the last epochs)
+  for name, batch, augment in (("nash_nyuv2", 2, True), ("nash_cityscapes", 8, True)):
     d = _load(name).get_config("")
     o = d.optimizer
     assert (o.name, o.learning_rate, o.schedule, o.decay_boundaries, o.decay_rate) == (
@@ -56,6 +59,13 @@ def test_protocol_values():
   m = _load("nash_multimnist").get_config("")
   assert (m.optimizer.name, m.optimizer.learning_rate, m.train.batch_size,
           m.train.num_epochs) == ("adam", 5e-4, 256, 100)
+  # MGDA's train_multi_task.py: lr *= 0.85 at the start of epochs 10, 20, ..., 100 (1-based)
+  o = m.optimizer
+  assert (o.schedule, o.decay_rate) == ("step", 0.85) and not m.data.get("augment", False)
+  steps_per_epoch = 50_000 // 256
+  assert [round(f * 100 * steps_per_epoch) for f in o.decay_boundaries] == [
+      e * steps_per_epoch for e in range(9, 100, 10)]
+  assert _load("nash_digits").get_config("").optimizer.schedule == "constant"
 
 
 def test_unknown_variant():

@@ -4,7 +4,8 @@
   (``A`` Gaussian K x 2K) for several K, with the relative KKT residual of its bargaining solution;
 * :func:`gramian_solve_timing`: every Gramian weighting at one K on ill-conditioned Gramians
   whose diagonal (squared gradient norms) spans ``1e0..1e8`` (issue 16: real networks' task
-  gradient norms differ by decades); it times whatever solver ``combiners.method(name, K)`` has.
+  gradient norms differ by decades); it times whatever solver ``combiners.method(name, K)`` has;
+  with ``rank`` (e.g. K/2) on singular ones (:func:`singular_gramian`: more tasks than parameters).
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ def ill_conditioned_gramian(key: jax.Array, k: int, spread: float = 1e8) -> jax.
   directions in 2K dimensions, scaled to gradient norms ``1 .. sqrt(spread)``."""
   kd, kp = jax.random.split(key)
   a = jax.random.normal(kd, (k, 2 * k), jnp.float32)
+  a = a / jnp.linalg.norm(a, axis=1, keepdims=True)
+  norms = jax.random.permutation(kp, jnp.sqrt(spread ** jnp.linspace(0.0, 1.0, k)))
+  a = a * norms[:, None]
+  return a @ a.T
+
+
+def singular_gramian(key: jax.Array, k: int, rank: int, spread: float = 1e8) -> jax.Array:
+  """A random K x K Gramian of rank ``rank`` < K (K tasks whose gradients span ``rank`` dimensions,
+  as with fewer shared parameters than tasks), diagonal ``spread ** linspace(0, 1, K)``
+  (shuffled), as :func:`ill_conditioned_gramian`."""
+  kd, kp = jax.random.split(key)
+  a = jax.random.normal(kd, (k, int(rank)), jnp.float32)
   a = a / jnp.linalg.norm(a, axis=1, keepdims=True)
   norms = jax.random.permutation(kp, jnp.sqrt(spread ** jnp.linspace(0.0, 1.0, k)))
   a = a * norms[:, None]
@@ -82,12 +95,14 @@ def gramian_weightings(names: Sequence[str] = (), k: int = 40) -> list:
 
 
 def gramian_solve_timing(names: Sequence[str] = (), k: int = 40, repeats: int = 10,
-                         spread: float = 1e8, seed: int = 0) -> dict:
+                         spread: float = 1e8, seed: int = 0, rank: int = 0) -> dict:
   """``{name: median ms}`` of every Gramian weighting's jitted ``weigh`` at K=``k`` on ``repeats``
-  ill-conditioned Gramians (:func:`ill_conditioned_gramian`), each from the method's initial state."""
+  ill-conditioned Gramians (:func:`ill_conditioned_gramian`; ``rank`` > 0: of that rank,
+  :func:`singular_gramian`), each from the method's initial state."""
   key = jax.random.key(seed)
-  grams = [ill_conditioned_gramian(kk, int(k), spread)
-           for kk in jax.random.split(key, max(int(repeats), 1))]
+  keys = jax.random.split(key, max(int(repeats), 1))
+  grams = [singular_gramian(kk, int(k), rank, spread) if rank else
+           ill_conditioned_gramian(kk, int(k), spread) for kk in keys]
   losses = jax.random.uniform(jax.random.fold_in(key, 1), (int(k),), jnp.float32, 0.5, 1.5)
   out = {}
   for name in gramian_weightings(names, k):

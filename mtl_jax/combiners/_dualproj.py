@@ -5,8 +5,7 @@ from mtl_jax.combiners.base import GRAMIAN, EmptyState, Method, register
 
 
 @register("dualproj")
-def dualproj(num_tasks: int, pref_vector=None, norm_eps: float = 1e-4,
-             reg_eps: float = 1e-4) -> Method:
+def dualproj(num_tasks: int, pref_vector=None, norm_eps: float = 1e-4) -> Method:
   """Projection of the preference-weighted gradient onto the dual cone.
 
   Quinton, P. & Rey, V. (2024). "Jacobian Descent for Multi-Objective Optimization".
@@ -18,8 +17,8 @@ def dualproj(num_tasks: int, pref_vector=None, norm_eps: float = 1e-4,
   The update has a non-negative inner product with every task gradient and equals ``J^T p`` when
   that already conflicts with no task.
 
-  Hyper-parameters (TorchJD defaults): ``pref_vector=None`` (1/K each), ``norm_eps=1e-4``,
-  ``reg_eps=1e-4`` (see :func:`mtl_jax.combiners.upgrad`).
+  Hyper-parameters (TorchJD defaults): ``pref_vector=None`` (1/K each), ``norm_eps=1e-4``; no
+  ``reg_eps`` (see :func:`mtl_jax.combiners.upgrad`).
 
   Task-specific parameters: ``specific='sum'`` (their own task's unweighted gradient, as
   TorchJD's ``mtl_backward``).
@@ -31,15 +30,14 @@ def dualproj(num_tasks: int, pref_vector=None, norm_eps: float = 1e-4,
 
   Deviations: the QP is solved in float32 inside ``jit`` by
   :func:`mtl_jax.combiners._qp.box_qp` instead of ``quadprog`` in float64 on the host, and the
-  result is the exact projection, not the one for the ridged Gramian (see
-  :func:`mtl_jax.combiners._qp.dual_cone_weights`: the ridge is relative to each task's diagonal
-  and removed by a final active-set polish).
+  result is the exact projection, not the one for TorchJD's ridged Gramian (see
+  :func:`mtl_jax.combiners._qp.dual_cone_weights`: no ridge is needed).
   """
   pref = pref_weights(pref_vector, num_tasks, "dualproj")
 
   def weigh(gramian, losses, state):
     del losses
-    return dual_cone_weights(pref, gramian, norm_eps, reg_eps), state
+    return dual_cone_weights(pref, gramian, norm_eps), state
 
   return Method("dualproj", num_tasks, GRAMIAN, init=lambda params: EmptyState(), weigh=weigh,
                 specific="sum")

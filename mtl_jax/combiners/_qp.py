@@ -12,7 +12,7 @@ The QP solver is written for K up to a few hundred and float32:
 
 1. accelerated projected gradient (FISTA, Beck & Teboulle 2009) with adaptive restart
    (O'Donoghue & Candes 2015), step ``1 / lambda_max(H)``, run until the projected-gradient
-   residual is below ``tol`` (relative) or ``max_iter`` iterations;
+   residual (tested every 8 steps) is below ``tol`` (relative) or ``max_iter`` iterations;
 2. a few *active-set polishing* steps: from the current point, the bounds that are active with a
    gradient pushing outwards are fixed and the equality-constrained system on the free variables
    is solved exactly (a primal-dual active-set / Newton step, Hintermueller et al. 2002). A
@@ -68,7 +68,8 @@ def box_qp(h: jax.Array,
     q: (..., K) linear terms; leading dimensions are independent problems sharing ``h``.
     lower, upper: bounds broadcastable to ``q`` (``-inf`` / ``inf`` for none).
     x0: optional warm start (projected onto the box); default: the projection of 0.
-    max_iter: cap on FISTA iterations; tol: relative projected-gradient tolerance.
+    max_iter: cap on FISTA iterations (rounded up to a multiple of 8: the residual is tested
+      every 8 steps); tol: relative projected-gradient tolerance.
     polish: at most this many active-set polishing steps after FISTA (0 to skip).
 
   Returns:
@@ -91,6 +92,9 @@ def box_qp(h: jax.Array,
   return z / d
 
 
+_UNROLL = 8  # FISTA steps per convergence test (max_iter is rounded up to a multiple of it)
+
+
 def _box_qp_scaled(h, q, lower, upper, x, max_iter, tol, polish, lmax=None):
   """:func:`box_qp` on the (Jacobi-scaled) problem: FISTA with restart, then polishing.
 
@@ -102,21 +106,25 @@ def _box_qp_scaled(h, q, lower, upper, x, max_iter, tol, polish, lmax=None):
     lmax = jnp.max(jnp.linalg.eigvalsh(h))
   scale = jnp.maximum(lmax, jnp.finfo(jnp.float32).tiny)  # Lipschitz constant of the gradient
 
-  def cond(carry):
-    i, _, _, _, res = carry
-    return (i < max_iter) & (res > tol)
-
-  def body(carry):
-    i, x, y, t, _ = carry
+  def step(x, y, t):
     x_new = jnp.clip(y - _grad(h, q, y) / scale, lower, upper)
     t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
     # Gradient-based adaptive restart: drop the momentum when it points uphill.
     uphill = jnp.sum((y - x_new) * (x_new - x), axis=-1, keepdims=True) > 0
     momentum = jnp.where(uphill, 0.0, (t - 1.0) / t_new)
-    y_new = x_new + momentum * (x_new - x)
-    t_new = jnp.where(uphill, 1.0, t_new)
-    res = _residual(h, q, x_new, lower, upper, scale)
-    return i + 1, x_new, y_new, t_new, res
+    return x_new, x_new + momentum * (x_new - x), jnp.where(uphill, 1.0, t_new)
+
+  def cond(carry):
+    i, _, _, _, res = carry
+    return (i < max_iter) & (res > tol)
+
+  def body(carry):
+    # _UNROLL steps per test of the residual (a second product with h) and per loop trip: UPGrad
+    # on singular K=40 Gramians took 1.5x less CPU time than with a test every step.
+    i, x, y, t, _ = carry
+    for _ in range(_UNROLL):
+      x, y, t = step(x, y, t)
+    return i + _UNROLL, x, y, t, _residual(h, q, x, lower, upper, scale)
 
   res0 = _residual(h, q, x, lower, upper, scale)
   _, x, _, _, _ = jax.lax.while_loop(
@@ -197,50 +205,47 @@ def project_simplex(v: jax.Array, s: float = 1.0) -> jax.Array:
 
 
 def dual_cone_weights(u: jax.Array, gramian: jax.Array, norm_eps: float = 1e-4,
-                      reg_eps: float = 1e-4) -> jax.Array:
+                      max_iter: int = 1500) -> jax.Array:
   """Weights of the projection of ``J^T u`` onto the dual cone ``{x : J x >= 0}``.
 
   Quinton & Rey (2024), "Jacobian Descent for Multi-Objective Optimization", Proposition 1: the
   projection is ``J^T v`` with ``v = argmin_{v >= u} v^T G v``, ``G = J J^T``. As in TorchJD, the
   Gramian is first normalised by its trace (the squared Frobenius norm of ``J``; a Gramian with
-  trace below ``norm_eps`` becomes 0) and a ridge is added for the iterative solve. Ours, not
-  TorchJD's: (1) the ridge is ``reg_eps * diag(G)`` (``reg_eps * I`` on the unit-diagonal
-  ``D^-1 G D^-1`` the solver works on) instead of ``reg_eps * I``, which would swamp a task whose
-  share of the trace is far below ``reg_eps`` (gradient norms spread over decades) and make the
-  update conflict with it; (2) active-set polishing on the unregularised normalised Gramian then
-  removes the ridge's bias, so ``v`` is the exact projection (``G v >= 0``, ``v >= u``, ``(G v)_k =
-  0`` where ``v_k > u_k``) to float32 rounding: measured ``G v >= -4e-7 ||d|| ||g_k||`` and
-  ``v^T G v`` within 3e-7 of a float64 NNLS solve, K 2..40, ``diag(G)`` over 1e0..1e8
-  (``tests/test_kkt.py``). ``u`` may be (..., K): each row is projected. Scaling ``G`` by ``c > 0``
-  leaves ``v`` unchanged (the normalisation).
+  trace below ``norm_eps`` becomes 0). Not as in TorchJD, no ridge is added: TorchJD adds
+  ``reg_eps I`` so that ``quadprog`` gets a positive definite matrix and returns the projection for
+  the ridged Gramian, which conflicts with a task (``(G v)_k = -reg_eps v_k``) wherever the ridge
+  matters; :func:`box_qp` (FISTA on the Jacobi-scaled problem, then active-set polishing) needs no
+  ridge and returns the exact projection (``G v >= 0``, ``v >= u``, ``(G v)_k = 0`` where ``v_k >
+  u_k``) to float32 rounding: measured ``G v >= -4e-7 ||d|| ||g_k||`` and ``v^T G v`` within 3e-7
+  of a float64 NNLS solve, K 2..40, ``diag(G)`` over 1e0..1e8 (``tests/test_kkt.py``). A ridge
+  would also cost time: on a singular ``G`` (fewer parameters than tasks, duplicate tasks) it
+  is the smallest eigenvalue, and FISTA on the ridged problem ran to its cap (500 iterations,
+  then up to 1000 more to remove the ridge's bias: UPGrad 6.5-27 ms at K=40), while on the
+  unregularised one projected gradient converges linearly on the range of ``G`` (the Luo-Tseng
+  error bound of a polyhedral QP): UPGrad at K=40, rank 20, 180-1500 iterations (median about
+  400; thin cones reach the ``max_iter`` cap), rank 5 to 15 mostly under 150. ``u`` may be
+  (..., K): each row is projected (UPGrad's K problems run together, until the slowest converges
+  or ``max_iter``).
+  Scaling ``G`` by ``c > 0`` leaves ``v`` unchanged (the normalisation).
 
   More tasks than parameters (K > P, ``G`` singular): the solution ``v`` is not unique and often
   ``J^T v = 0`` (the dual cone is ``{0}`` when the gradients positively span their space: 66% of
-  Gaussian K=7, P=3 cases). After the ridged FISTA, up to 1000 FISTA iterations on the
-  unregularised ``G`` (they stop at the residual tolerance, so full-rank inputs pay nothing) and
-  the polish, a projection below the float32 Gramian's resolution is returned as exactly 0
-  (:func:`_zero_below_resolution`). The limits, pinned by
+  Gaussian K=7, P=3 cases). A projection below the float32 Gramian's resolution is returned as
+  exactly 0 (:func:`_zero_below_resolution`). The limits, pinned by
   ``tests/test_solvers.py::test_dualproj_upgrad_more_tasks_than_parameters``: float32 knows
   ``(G v)_k`` only to ``eps |g_k| S`` (``S = sum_j |v_j| |g_j|``), so the promise is
-  ``cos(g_k, d) >= -50 eps S / ||d||`` (``>= -1e-6`` where ``S / ||d|| <= 20``; measured
-  <= 23 eps S / ||d||), a zero update only where ``||d*|| <= sqrt(4 K eps) S``, and ``d`` within
-  2e-3 S of the exact projection (not exact on thin cones: measured 1.4e-3 S for UPGrad at K=40,
-  P=20). Solve time on such Gramians at K=40 (P 5..20, shared 2-core CPU): DualProj 1.1-1.4 ms
-  median, UPGrad 6.5-27 ms, over the 5 ms budget (its K problems run until the slowest
-  converges; full-rank K=40, the benchmark's solve row: 0.5 / 1.7 ms).
+  ``cos(g_k, d) >= -50 eps S / ||d||`` (``>= -1e-6`` where ``S / ||d|| <= 20``), a zero update only
+  where ``||d*|| <= sqrt(4 K eps) S``, and ``d`` within 2e-3 S of the exact projection (not exact
+  on thin cones whose solve reaches the cap: measured 1.8e-3 S for UPGrad at K=40, P=20, spread
+  1e0..1e8, in one case of eight; the others within 1e-7 S). Solve times at K=40:
+  ``launch/benchmark.py solves`` (UPGrad 1.4 ms full rank, 4.7 ms at rank 20, median wall on the
+  shared 2-core CPU at load 6.5-8.7).
   """
   g = jnp.asarray(gramian, jnp.float32)
-  k = g.shape[0]
   trace = jnp.trace(g)
   g = jnp.where(trace < norm_eps, 0.0, g / jnp.where(trace < norm_eps, 1.0, trace))
-  eye = jnp.eye(k, dtype=g.dtype)
   u = jnp.asarray(u, jnp.float32)
-  v = box_qp(2.0 * (g + reg_eps * jnp.diag(jnp.diagonal(g))), jnp.zeros_like(u), u, jnp.inf,
-             polish=0)
-  # The ridge leaves (G v)_k = -reg_eps G_kk v_k < 0 on the free set, a conflict: polish on the
-  # unregularised Gramian, where the exact active-set step gives (G v)_k = 0 there (kept only
-  # where it is feasible and not worse, e.g. not where G's free block is singular).
-  v = box_qp(2.0 * g, jnp.zeros_like(u), u, jnp.inf, v, max_iter=1000, polish=3)
+  v = box_qp(2.0 * g, jnp.zeros_like(u), u, jnp.inf, max_iter=max_iter, polish=3)
   return _zero_below_resolution(g, v, trace >= norm_eps)
 
 

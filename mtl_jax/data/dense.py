@@ -14,7 +14,7 @@ CAGrad and Nash-MTL do, ``val`` serves both as ``validation`` and as ``test`` (t
 the last / best epoch on it); say so when comparing.
 
 Augmentation (``data.augment``, default on for training in the configs, as Nash-MTL/CAGrad run
-NYUv2): the RandomScaleCrop of the MTAN repository (credited there to Jialong Wu): a scale ``s`` drawn
+NYUv2 and CAGrad/FAMO run Cityscapes): the RandomScaleCrop of the MTAN repository (credited there to Jialong Wu): a scale ``s`` drawn
 from (1.0, 1.2, 1.5), a random crop of (H/s, W/s) resized back to (H, W) — image and normals
 bilinear (align corners), labels and depth nearest, depth divided by ``s`` — then a horizontal flip
 with probability 1/2 (the normals' x component negated). The random draws of a batch come from a
