@@ -92,6 +92,11 @@ def test_registry_lists_this_helpers_methods():
             "db_mtl"):
     assert n in NAMES
     assert callable(getattr(combiners, n))
+  # issue 16's second round: each then runs test_contract (degenerate inputs, jit, every engine
+  # mode it allows, shard_map, resume) and test_every_state_checkpoints_with_orbax
+  for n in ("config", "modo", "go4align", "krum", "trimmed_mean", "log_mgda", "log_cagrad",
+            "log_imtl", "ntkmtl"):
+    assert n in NAMES, n
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,10 +21,16 @@ non-negative QP ``min_{v >= 0} v^T G v / 2 - 1^T v`` (``w = v / sum v``) on the 
 Gramian, by :func:`mtl_jax.combiners._qp.box_qp` (FISTA, at most ``max_iter`` iterations, then
 active-set polishing). Tested against a float64 NNLS reference: ``||d||^2`` within 1e-5 relative
 (measured: 4e-7) for K 2..40 and gradient norms spread over 1e4 (Gramian diagonal 1e0..1e8).
+On singular Gramians (more tasks than parameters: K=40 in rank 20) the QP is ill-conditioned and
+FISTA needs up to ~1500 iterations: 250 stopped short (``||d||`` up to 9% above the float64 minimum,
+or 2e-3 S where the minimum is 0 or near it, ``S = sum_k w_k ||g_k||``); 1500 reach it (six
+such Gramians, ``launch/bench/solves.py:singular_gramian``).
 
 Hyper-parameters: ``normalization='none'``, ``scale_by_k=False`` (``True``: weights sum to K as in
 the Nash-MTL repository's baseline; ``False``: sum to 1 as in the paper, the Sener code and
-LibMTL), ``max_iter=250`` (the official Frank-Wolfe ``MAX_ITER``).
+LibMTL), ``max_iter=1500`` (a cap on FISTA iterations, which stop at a relative residual of
+1e-6: full-rank inputs take tens; not the official Frank-Wolfe ``MAX_ITER=250``, an iteration
+count of another algorithm, see above).
 
 Task-specific parameters: ``specific='weighted'`` (the official codes back-propagate
 ``sum_k w_k L_k``). Deviations: the QP solver (above); a zero normaliser (zero gradient or zero
@@ -42,7 +48,7 @@ from mtl_jax.combiners.base import GRAMIAN, EmptyState, Method, register
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
-def min_norm_weights(gramian: jax.Array, iters: int = 250, eps: float = 1e-7) -> jax.Array:
+def min_norm_weights(gramian: jax.Array, iters: int = 1500, eps: float = 1e-7) -> jax.Array:
   """``argmin_{w in simplex} w^T G w`` (the min-norm point of the convex hull), in jit.
 
   Exact reformulation: if ``w*`` is the min-norm point and ``mu = w*^T G w* > 0``, then
@@ -85,7 +91,7 @@ def normalizers(gramian: jax.Array, losses: jax.Array, normalization: str) -> ja
 
 @register("mgda")
 def mgda(num_tasks: int, normalization: str = "none", scale_by_k: bool = False,
-         max_iter: int = 250) -> Method:
+         max_iter: int = 1500) -> Method:
   """MGDA (Sener & Koltun 2018); MGDA-UB via the engine's ``features`` mode. See the module doc."""
   if normalization not in NORMALIZATIONS:
     raise ValueError(f"mgda: unknown normalization {normalization!r}; "
