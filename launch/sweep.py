@@ -343,7 +343,12 @@ def _run_all(root: str, base: str, todo: Sequence[RunSpec], python: str) -> list
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  sweep = _CONFIG.value
+  try:
+    sweep = _CONFIG.value
+    sweep.keys()  # a missing config file raises here, not in the flag parser
+  except OSError as e:  # config_flags defers a missing config file to the first access
+    from mtl_jax import config_utils  # pylint: disable=g-import-not-at-top
+    _fail(config_utils.flag_error_line(e, sys.argv))
   if _WORKDIR.value is None and not _DRY_RUN.value:
     _fail("--workdir is required")
   root = os.path.abspath(_WORKDIR.value or "/tmp/sweep")
@@ -399,7 +404,18 @@ def _define_flags():
                                      "the interpreter that runs launch/train.py")
 
 
+def _parse(argv):
+  """absl flag parsing with flag errors (a missing or broken sweep config file, an unknown
+  variant, a bad --config.<key>) as one line, exit 2, as launch/train.py does."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError,
+          SyntaxError) as e:
+    from mtl_jax import config_utils  # pylint: disable=g-import-not-at-top
+    _fail(config_utils.flag_error_line(e, argv))
+
+
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse)

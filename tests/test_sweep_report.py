@@ -169,6 +169,11 @@ def test_sweep_cli_list_syntax_and_bad_names(tmp_path):
     bad = _sweep_cli(f"--config={cfg}", f"--workdir={wd}", "--dry_run", flag, cwd=tmp_path)
     assert bad.returncode == 2, flag
     assert bad.stderr.strip().splitlines()[-1].startswith(msg), bad.stderr
+  for spec, msg in ((f"{cfg}:nosuch", "error: config file"), (f"{tmp_path}/nope.py",
+                                                                 "error: config file")):
+    bad = _sweep_cli(f"--config={spec}", f"--workdir={wd}", "--dry_run", cwd=tmp_path)
+    assert bad.returncode == 2, spec  # an unknown variant, a missing file: one line, no traceback
+    assert len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith(msg), bad.stderr
 
 
 
