@@ -2,6 +2,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Tests run on the CPU; several tests force host devices themselves in a subprocess.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -34,14 +36,32 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # The longest files start first, so that pytest-xdist's two workers finish together instead of
-# one waiting on a long test that was collected last (measured with --durations; whole files move,
-# so module-scoped fixtures stay shared and the order inside a file is unchanged).
-_LONG_FIRST = ("test_benchmark.py", "test_readme.py", "test_sharing.py", "test_notebook.py",
-               "test_smoke_configs.py", "test_multiprocess.py", "test_conv.py", "test_dynamic.py",
-               "test_resume.py", "test_combiners_contract.py", "test_branched.py")
+# one waiting on a long test that was collected last (whole files move, so module-scoped fixtures
+# stay shared and the order inside a file is unchanged). `-n 2` alone means `--dist load`, whose
+# first step hands each worker a block of len(tests) / 8 consecutive tests (xdist 3.8: ~89 here):
+# the first block held nearly every long file, so they ran one after another on one worker. Under
+# that default the files are therefore dealt out whole, in this order, one at a time to whichever
+# worker is free (`--dist loadfile` without xdist's reordering by test count); an explicit other
+# `--dist` is left alone. Order: the per-file wall times of a full `-n 2 --durations=0` run.
+_LONG_FIRST = ("test_readme.py", "test_benchmark.py", "test_smoke_configs.py", "test_sharing.py",
+               "test_sweep_report.py", "test_dynamic.py", "test_combiners_contract.py",
+               "test_notebook.py", "test_multiprocess.py", "test_mixed_precision.py",
+               "test_resume.py", "test_qm9_devices.py", "test_train.py", "test_data_grain.py",
+               "test_qm9_eval.py", "test_methods_round2.py", "test_conv.py", "test_branched.py",
+               "test_structure.py", "test_engine.py", "test_solvers.py", "test_combiners_grad.py")
 
 
 def pytest_collection_modifyitems(config, items):
   del config
   rank = {name: i for i, name in enumerate(_LONG_FIRST)}
   items.sort(key=lambda it: rank.get(os.path.basename(str(it.fspath)), len(rank)))
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """`-n N` without `--dist`: whole files in `_LONG_FIRST` order (see above)."""
+  if config.getvalue("dist") != "load":
+    return None  # the caller chose a distribution
+  from xdist.scheduler import LoadFileScheduling  # pylint: disable=g-import-not-at-top
+  config.option.loadscopereorder = False  # keep the collection's (longest-first) order
+  return LoadFileScheduling(config, log)
