@@ -28,6 +28,8 @@ plus the single-task runs (Δm%'s STL reference): 2 x 2 + 6 x 2 x 2 = 28 runs of
 
 import ml_collections
 
+from mtl_jax.configs.sweeps import structure_variants
+
 TREE = "structure.tree=(((0,1),),((0,),(1,)))"
 
 
@@ -39,12 +41,7 @@ def get_config(arg: str = ""):
                  "structure.budget=0.9")
   c.combiners = ("ls", "nash_mtl")
   c.sharing = ("hard", "independent", "branched", "affinity", "conflict", "learn_to_branch")
-  c.sharing_variants = ml_collections.ConfigDict({
-      "branched": ("branched", "structure.method=fixed", TREE),
-      "affinity": ("hard", "structure.method=affinity"),
-      "conflict": ("hard", "structure.method=conflict", "structure.top_k=1"),
-      "learn_to_branch": ("hard", "structure.method=learn_to_branch"),
-  })
+  c.sharing_variants = structure_variants(TREE)
   c.seeds = (0, 1)
   c.task_mixes = ("left,right",)
   c.all_tasks = ("left", "right")

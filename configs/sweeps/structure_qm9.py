@@ -29,6 +29,8 @@ seventh structure: 36 runs (not run here).
 
 import ml_collections
 
+from mtl_jax.configs.sweeps import structure_variants
+
 TREE = "structure.tree=(((0,1,2,3),),((0,1),(2,3)))"
 
 
@@ -42,14 +44,7 @@ def get_config(arg: str = ""):
                  "structure.warmup_steps=24", "structure.window=8", "structure.budget=0.5")
   c.combiners = ("ls", "nash_mtl")
   c.sharing = ("hard", "independent", "branched", "affinity", "conflict", "learn_to_branch")
-  c.sharing_variants = ml_collections.ConfigDict({
-      "branched": ("branched", "structure.method=fixed", TREE),
-      "affinity": ("hard", "structure.method=affinity"),
-      "conflict": ("hard", "structure.method=conflict", "structure.top_k=1"),
-      "recon": ("hard", "structure.method=conflict", "structure.top_k=1",
-                "structure.restart=True"),
-      "learn_to_branch": ("hard", "structure.method=learn_to_branch"),
-  })
+  c.sharing_variants = structure_variants(TREE, recon=True)
   c.seeds = (0, 1)
   c.task_mixes = ("mu,alpha,homo,U0",)
   c.all_tasks = ("mu", "alpha", "homo", "lumo", "r2", "zpve", "U0", "U", "H", "G", "Cv")
